@@ -1,0 +1,40 @@
+# Everything runs from a project-local virtual environment built from nothing.
+PY      ?= python3
+VENV    := .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.installed
+# llama-cpp-python compiles from source; pip keeps the built wheel in its cache,
+# so only the first setup on a machine pays for the compile.
+export CMAKE_ARGS ?= -DLLAVA_BUILD=OFF
+# Offline, quiet runs: nothing is ever downloaded at run time.
+export HF_HUB_OFFLINE=1
+export HF_DATASETS_OFFLINE=1
+export WANDB_MODE=disabled
+export AXOLOTL_DO_NOT_TRACK=1
+export DO_NOT_TRACK=1
+export TOKENIZERS_PARALLELISM=false
+
+.PHONY: setup test tiny bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip wheel
+	# torch first: a bare requirement would pull a multi-GB CUDA build.
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+# The embedded tiny model and data used by example_configs/tiny-cpu.yml.
+tiny: setup
+	$(BIN)/python -m orpo_plugin.tiny build/tiny
+
+bench: setup
+	$(BIN)/python benchmarks/bench_train_step.py
+
+clean:
+	rm -rf build outputs last_run_prepared .pytest_cache

@@ -1,0 +1,61 @@
+"""Every YAML key of the plugin, in one pydantic model merged into Axolotl's config schema."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, Field, model_validator
+
+RL_NAME = "orpo_plugin"
+TRAINER_CLS = "orpo_plugin.trainer.OrpoTrainer"
+
+
+def apply_rl_alias(data: dict) -> dict:
+    """`rl: orpo_plugin` is not in Axolotl's RL enum: validate it as `orpo` (which every ORPO
+    branch in Axolotl keys on: datasets, no reference model, LoRA handling) and remember that
+    the plugin was asked for, with our trainer in place of TRL's."""
+    if isinstance(data, dict) and data.get("rl") == RL_NAME:
+        data["rl"] = "orpo"
+        data["orpo_plugin"] = True
+        data["trainer_cls"] = data.get("trainer_cls") or TRAINER_CLS
+    return data
+
+
+class OrpoArgs(BaseModel):
+    """Keys of `plugins: [orpo_plugin.OrpoPlugin]`. `orpo_alpha` (lambda, default 0.1) and
+    `train_on_inputs` (NLL on the prompt too) are Axolotl's own keys and keep their meaning."""
+
+    orpo_plugin: bool | None = Field(
+        default=None,
+        json_schema_extra={"description": "Set by `rl: orpo_plugin`; the plugin acts only then."},
+    )
+    orpo_logprob_method: Literal["auto", "fused", "chunked"] | None = Field(
+        default="auto",
+        json_schema_extra={
+            "description": "How log-probs are computed without full logits: 'fused' uses "
+            "torch>=2.13's chunked linear_cross_entropy, 'chunked' checkpoints the LM head per "
+            "chunk (any head: LoRA, quantized, soft-capped), 'auto' picks fused where it applies."
+        },
+    )
+    orpo_chunk_tokens: int | None = Field(
+        default=None,
+        gt=0,
+        json_schema_extra={"description": "Tokens per LM-head chunk; default ~128 MiB of fp32 logits."},
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def rl_alias(cls, data):
+        return apply_rl_alias(data)
+
+    @model_validator(mode="before")
+    @classmethod
+    def check_orpo_alpha(cls, data):
+        if isinstance(data, dict) and data.get("orpo_plugin"):
+            alpha = data.get("orpo_alpha")
+            if alpha is not None and (not isinstance(alpha, (int, float)) or alpha < 0):
+                raise ValueError(
+                    f"orpo_alpha must be a number >= 0 (the weight of the odds-ratio term, "
+                    f"0.1 in the ORPO paper); got {alpha!r}"
+                )
+        return data

@@ -1,0 +1,79 @@
+"""Per-token log-probs at scored positions, without ever holding [tokens, vocab] logits.
+
+ORPO's loss is a function of per-token log-probs only, so the LM head runs on the hidden
+states of the positions that are scored, a chunk at a time, and is recomputed in backward.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+# About 128 MiB of fp32 logits per chunk: small next to activations, large enough for GEMMs.
+_CHUNK_ELEMENTS = 1 << 25
+_HAS_FUSED = hasattr(F, "linear_cross_entropy") and hasattr(nn, "LinearCrossEntropyOptions")
+
+
+def default_chunk_tokens(vocab_size: int) -> int:
+    return max(16, _CHUNK_ELEMENTS // max(vocab_size, 1))
+
+
+def logit_transform(config) -> tuple[float, float]:
+    """(scale, softcap) that a model applies to lm_head's output, read from its config.
+    Cohere multiplies by logit_scale, Granite divides by logits_scaling, Gemma 2/3 soft-cap."""
+    scale = float(getattr(config, "logit_scale", None) or 1.0)
+    if getattr(config, "logits_scaling", None):
+        scale /= float(config.logits_scaling)
+    softcap = float(getattr(config, "final_logit_softcapping", None) or 0.0)
+    return scale, softcap
+
+
+def _chunk_logprobs(hidden: torch.Tensor, targets: torch.Tensor, head: nn.Module,
+                    scale: float, softcap: float) -> torch.Tensor:
+    logits = head(hidden).float()
+    if scale != 1.0:
+        logits = logits * scale
+    if softcap:
+        logits = torch.tanh(logits / softcap) * softcap
+    return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+
+
+def can_fuse(head: nn.Module, scale: float = 1.0, softcap: float = 0.0) -> bool:
+    """torch >= 2.13's chunked linear_cross_entropy handles a plain Linear head only."""
+    return _HAS_FUSED and type(head) is nn.Linear and scale == 1.0 and not softcap
+
+
+def token_logprobs(hidden: torch.Tensor, targets: torch.Tensor, head: nn.Module, *,
+                   chunk_tokens: int | None = None, scale: float = 1.0, softcap: float = 0.0,
+                   method: str = "auto") -> torch.Tensor:
+    """log p(targets[i] | hidden[i]) in fp32, shape [N], for hidden [N, d] and targets [N].
+
+    method: "fused" (torch.nn.functional.linear_cross_entropy, chunked), "chunked"
+    (head applied per chunk under activation checkpointing: works for any head module,
+    LoRA-wrapped or quantized), or "auto" (fused where it applies).
+    """
+    if hidden.shape[0] == 0:
+        return hidden.new_zeros(0, dtype=torch.float32)
+    weight = getattr(head, "weight", None)
+    vocab = weight.shape[0] if weight is not None else head.out_features
+    chunk = chunk_tokens or default_chunk_tokens(vocab)
+    if method == "auto":
+        method = "fused" if can_fuse(head, scale, softcap) else "chunked"
+    if method == "fused":
+        if not can_fuse(head, scale, softcap):
+            raise ValueError("the fused log-prob path needs torch>=2.13 and a plain nn.Linear head")
+        nll = F.linear_cross_entropy(
+            hidden, head.weight, targets, linear_bias=head.bias, reduction="none",
+            options=nn.LinearCrossEntropyOptions(batch_chunk_size=chunk),
+        )
+        return -nll.float()
+    pieces = []
+    for start in range(0, hidden.shape[0], chunk):
+        h, t = hidden[start:start + chunk], targets[start:start + chunk]
+        if torch.is_grad_enabled() and (h.requires_grad or any(p.requires_grad for p in head.parameters())):
+            pieces.append(checkpoint(_chunk_logprobs, h, t, head, scale, softcap, use_reentrant=False))
+        else:
+            pieces.append(_chunk_logprobs(h, t, head, scale, softcap))
+    return torch.cat(pieces)

@@ -1,0 +1,174 @@
+"""The embedded default: a tokenizer, tiny random models and preference data built locally.
+
+Nothing here is downloaded. Tests, the example config and the demo build their model from
+these functions, so every run starts from the same bytes (fixed seeds).
+
+    python -m orpo_plugin.tiny build/tiny      # writes build/tiny/{model,data}
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+from pathlib import Path
+
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+
+# Widths are multiples of 32 so that GGUF block quantization applies (see serve/).
+ARCHITECTURES = {
+    "llama": dict(
+        cls="LlamaForCausalLM", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False,
+    ),
+    "llama-tied": dict(
+        cls="LlamaForCausalLM", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
+    ),
+    "mistral": dict(
+        cls="MistralForCausalLM", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=1, tie_word_embeddings=False,
+    ),
+    "qwen2": dict(
+        cls="Qwen2ForCausalLM", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
+    ),
+    # The embedded default used by example_configs/tiny-cpu.yml.
+    "demo": dict(
+        cls="LlamaForCausalLM", hidden_size=128, intermediate_size=256, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False,
+    ),
+}
+
+
+def _corpus(n_lines: int, seed: int) -> list[str]:
+    rng = random.Random(seed)
+    words = (
+        "the a of to and in is it you that he was for on are with as I his they be at one have "
+        "this from or had by word but what some we can out other were all there when up use your "
+        "how said an each she which do their time if will way about many then them write would "
+        "like so these her long make thing see him two has look more day could go come did number "
+        "sound no most people my over know water than call first who may down side been now find "
+        "answer question sum plus minus equals result correct wrong please compute what's"
+    ).split()
+    lines = []
+    for _ in range(n_lines):
+        a, b = rng.randint(0, 999), rng.randint(0, 999)
+        op = rng.choice("+-")
+        lines.append(f"What is {a} {op} {b}? {a} {op} {b} = {a + b if op == '+' else a - b}")
+        lines.append(" ".join(rng.choice(words) for _ in range(rng.randint(3, 15))).capitalize() + ".")
+        lines.append(f"<|im_start|>user\n{lines[-2]}<|im_end|>\n<|im_start|>assistant\n{lines[-1]}<|im_end|>\n")
+    return lines
+
+
+def build_tokenizer(out_dir: str | Path, vocab_size: int = 512, seed: int = 0):
+    """Train a byte-level BPE tokenizer with ChatML specials; EOS is the end-of-turn token."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_corpus(3000, seed), trainer=trainer)
+    hf = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        additional_special_tokens=["<|im_start|>"],
+    )
+    hf.chat_template = CHATML_TEMPLATE
+    hf.model_max_length = 2048
+    if out_dir is not None:
+        hf.save_pretrained(str(out_dir))
+    return hf
+
+
+def build_model(arch: str, out_dir: str | Path, tokenizer=None, seed: int = 0, **overrides):
+    """Random-init model of a fixture architecture, saved with its tokenizer to out_dir."""
+    import torch
+    import transformers
+
+    spec = dict(ARCHITECTURES[arch], **overrides)
+    cls = getattr(transformers, spec.pop("cls"))
+    tokenizer = tokenizer or build_tokenizer(None)
+    config = cls.config_class(
+        vocab_size=len(tokenizer),
+        max_position_embeddings=2048,
+        bos_token_id=None,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        torch_dtype="float32",
+        **spec,
+    )
+    torch.manual_seed(seed)
+    model = cls(config)
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.save_pretrained(str(out_dir))
+    tokenizer.save_pretrained(str(out_dir))
+    return model
+
+
+def arithmetic_pairs(n: int, seed: int) -> list[dict]:
+    """Preference pairs with a crisp right answer: chosen is correct, rejected is off by a little."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        a, b = rng.randint(0, 99), rng.randint(0, 99)
+        question = f"What is {a} + {b}?"
+        wrong = a + b + rng.choice([-10, -2, -1, 1, 2, 10])
+        rows.append(
+            {
+                "chosen": [
+                    {"role": "user", "content": question},
+                    {"role": "assistant", "content": f"{a} + {b} = {a + b}"},
+                ],
+                "rejected": [
+                    {"role": "user", "content": question},
+                    {"role": "assistant", "content": f"{a} + {b} = {wrong}"},
+                ],
+            }
+        )
+    return rows
+
+
+def write_jsonl(rows: list[dict], path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    tmp.replace(path)
+    return path
+
+
+def build_default(out_dir: str | Path, n_train: int = 512, n_eval: int = 64) -> Path:
+    """Model, tokenizer and train/eval pairs for example_configs/tiny-cpu.yml."""
+    out_dir = Path(out_dir)
+    tokenizer = build_tokenizer(out_dir / "model")
+    build_model("demo", out_dir / "model", tokenizer=tokenizer)
+    write_jsonl(arithmetic_pairs(n_train, seed=1), out_dir / "data" / "train.jsonl")
+    write_jsonl(arithmetic_pairs(n_eval, seed=2), out_dir / "data" / "eval.jsonl")
+    return out_dir
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("out_dir", nargs="?", default="build/tiny")
+    args = parser.parse_args(argv)
+    out = build_default(args.out_dir)
+    print(f"built tiny model and data in {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""After training: merge, convert to GGUF, quantize, serve and score (later issues)."""
