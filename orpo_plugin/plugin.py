@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 from axolotl.integrations.base import BasePlugin
 from axolotl.utils.logging import get_logger
@@ -22,6 +24,19 @@ def _cpu_safe_precision(cfg) -> None:
             cfg["fp16"] = False
 
 
+def _cpu_data_parallel(cfg) -> None:
+    """Several processes (torchrun, accelerate launch) on a machine without CUDA:
+    - Axolotl maps each rank to device index LOCAL_RANK, a GPU that does not exist, and
+      from_pretrained crashes: keep every rank on the CPU;
+    - Accelerate uses gloo DDP only when told to use the CPU (AxolotlTrainer rebuilds the
+      accelerator from the environment); otherwise each rank trains alone, unsynchronised."""
+    if torch.cuda.is_available() or (cfg.world_size or 1) <= 1:
+        return
+    if isinstance(cfg.device_map, dict) and any(isinstance(v, int) for v in cfg.device_map.values()):
+        cfg.device_map = {"": "cpu"}
+    os.environ["ACCELERATE_USE_CPU"] = "true"
+
+
 class OrpoPlugin(BasePlugin):
     def get_input_args(self) -> str:
         return "orpo_plugin.args.OrpoArgs"
@@ -31,6 +46,13 @@ class OrpoPlugin(BasePlugin):
         apply_rl_alias(cfg)
         if cfg.get("orpo_plugin"):
             _cpu_safe_precision(cfg)
+
+    def load_datasets(self, cfg, preprocess: bool = False):
+        # The first hook after Axolotl's normalize_config and before the model loader reads
+        # cfg.device_map. Returning None leaves dataset loading to Axolotl.
+        if cfg.orpo_plugin:
+            _cpu_data_parallel(cfg)
+        return None
 
     def post_trainer_create(self, cfg, trainer) -> None:
         from orpo_plugin.trainer import OrpoSettings, OrpoTrainer

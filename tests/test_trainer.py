@@ -1,0 +1,125 @@
+"""The trainer's loss, metrics and gradients against TRL (Axolotl's `rl: orpo`) and against an
+independent reference; exact gradient accumulation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import build_trainer, load_model, loss_metrics_grads, make_cfg, pair_dataset
+
+from orpo_plugin.trainer import OrpoSettings, OrpoTrainer
+
+METRICS = ["loss", "nll_loss", "log_odds_ratio", "log_odds_chosen", "logps/chosen", "logps/rejected",
+           "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies"]
+
+
+def _sharpen(model, factor: float = 25.0):
+    """Random models give every answer the same average log-prob, so z ~ 1e-3 and any fp32
+    summation order moves it by 1e-4 relative. Sharper logits make z O(1): a 1e-5 relative
+    comparison then tests the implementation, not rounding."""
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(factor)
+    return model
+
+
+def _run(rl, model_dir, tokenizer, tmp_path, lora, **cfg):
+    from axolotl.integrations.base import PluginManager
+
+    PluginManager._instance = None
+    config = make_cfg(model_dir, tmp_path / rl, rl=rl, **cfg)
+    model = _sharpen(load_model(model_dir, lora=lora))
+    if not lora:
+        model.get_input_embeddings().weight.requires_grad_(False)  # TRL leaves it untouched too
+    trainer = build_trainer(config, model, tokenizer, pair_dataset(tokenizer))
+    return trainer, loss_metrics_grads(trainer, model)
+
+
+def _assert_rel(got, want, rel):
+    scale = want.abs().max().clamp(min=1e-12)
+    assert ((got - want).abs().max() / scale).item() <= rel
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("lora", [True, False], ids=["lora", "full"])
+def test_parity_with_axolotl_rl_orpo(arch, lora, model_dirs, tokenizer, tmp_path, fresh_plugins):
+    trl_trainer, (_, trl_logs, trl_grads) = _run("orpo", model_dirs[arch], tokenizer, tmp_path, lora,
+                                                 train_on_inputs=True)
+    our_trainer, (_, our_logs, our_grads) = _run("orpo_plugin", model_dirs[arch], tokenizer, tmp_path,
+                                                 lora, train_on_inputs=True)
+    assert type(trl_trainer).__name__ == "AxolotlORPOTrainer"
+    assert isinstance(our_trainer, OrpoTrainer) and our_trainer.orpo.train_on_inputs
+    for key in METRICS:
+        assert our_logs[key] == pytest.approx(trl_logs[key], rel=1e-5, abs=1e-7), key
+    assert abs(our_logs["log_odds_chosen"]) > 0.05  # z is not vanishing: the check has teeth
+    assert trl_grads.keys() == our_grads.keys() and len(our_grads) > 0
+    for name in trl_grads:
+        _assert_rel(our_grads[name], trl_grads[name], 1e-5)
+
+
+def _reference_loss(model, tokenizer, dataset, alpha):
+    """ORPO from its definition, one sequence at a time with full logits, float64 odds:
+    NLL over chosen response tokens only (the paper's L_SFT), token-averaged over the batch."""
+    nll_sum, nll_tokens, penalties = 0.0, 0, []
+    for row in dataset:
+        prompt = tokenizer(row["prompt"], add_special_tokens=False)["input_ids"]
+        avgs = []
+        for side in ("chosen", "rejected"):
+            answer = tokenizer(row[side], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+            ids = torch.tensor([prompt + answer])
+            logp = F.log_softmax(model(input_ids=ids).logits[0, :-1].float(), -1)
+            token_logp = logp[torch.arange(len(prompt) - 1, ids.shape[1] - 1), ids[0, len(prompt):]]
+            avgs.append(token_logp.double().mean())
+            if side == "chosen":
+                nll_sum = nll_sum - token_logp.double().sum()
+                nll_tokens += len(answer)
+        a, b = avgs
+        z = (a - torch.log(-torch.expm1(a))) - (b - torch.log(-torch.expm1(b)))
+        penalties.append(-F.logsigmoid(z))
+    return nll_sum / nll_tokens + alpha * torch.stack(penalties).mean()
+
+
+@pytest.mark.parametrize("method", ["fused", "chunked"])
+def test_response_only_nll_equals_independent_reference(method, model_dirs, tokenizer, tmp_path,
+                                                        fresh_plugins):
+    cfg = make_cfg(model_dirs["llama-tied"], tmp_path, train_on_inputs=False, orpo_alpha=0.5, micro_batch_size=8,
+                   orpo_logprob_method=method, orpo_chunk_tokens=7)
+    model = _sharpen(load_model(model_dirs["llama-tied"], lora=True), 10)
+    dataset = pair_dataset(tokenizer)
+    trainer = build_trainer(cfg, model, tokenizer, dataset)
+    assert trainer.orpo == OrpoSettings(alpha=0.5, train_on_inputs=False, chunk_tokens=7, logprob_method=method)
+    loss, logs, grads = loss_metrics_grads(trainer, model)
+
+    model.zero_grad()
+    ref = _reference_loss(model, tokenizer, dataset, alpha=0.5)
+    ref.backward()
+    assert loss == pytest.approx(ref.item(), rel=1e-5)
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            _assert_rel(grads[name], p.grad, 1e-5)
+    assert logs["nll_loss"] < logs["loss"]
+
+
+def test_gradient_accumulation_4x1_equals_1x4(model_dirs, tokenizer, tmp_path, fresh_plugins):
+    """Pairs of different lengths: a mean of per-micro-batch means would not be equal."""
+    results = []
+    for micro, accum in ((4, 1), (1, 4)):
+        from axolotl.integrations.base import PluginManager
+
+        PluginManager._instance = None
+        cfg = make_cfg(model_dirs["llama"], tmp_path / f"{micro}x{accum}", micro_batch_size=micro,
+                       gradient_accumulation_steps=accum, optimizer="sgd", learning_rate=1.0,
+                       max_grad_norm=0.0, train_on_inputs=False)
+        model = load_model(model_dirs["llama"], lora=True)
+        before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+        trainer = build_trainer(cfg, model, tokenizer, pair_dataset(tokenizer, n=4))
+        trainer.train()
+        delta = {n: p.detach() - before[n] for n, p in model.named_parameters() if p.requires_grad}
+        logs = next(h for h in trainer.state.log_history if "loss" in h)
+        results.append((delta, logs))
+    (d1, l1), (d2, l2) = results
+    for key in METRICS:
+        assert l2[key] == pytest.approx(l1[key], rel=1e-5, abs=1e-7), key
+    for name in d1:
+        _assert_rel(d2[name], d1[name], 1e-4)
+    assert max(d.abs().max().item() for d in d1.values()) > 1e-4  # the step moved something
