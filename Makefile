@@ -34,7 +34,8 @@ tiny: setup
 	$(BIN)/python -m orpo_plugin.tiny build/tiny
 
 bench: setup
-	$(BIN)/python benchmarks/bench_train_step.py
+	mkdir -p build
+	$(BIN)/python benchmarks/bench_train_step.py --json build/bench_train_step.json
 
 clean:
 	rm -rf build outputs last_run_prepared .pytest_cache

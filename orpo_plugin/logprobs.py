@@ -30,13 +30,19 @@ def logit_transform(config) -> tuple[float, float]:
     return scale, softcap
 
 
-def _chunk_logprobs(hidden: torch.Tensor, targets: torch.Tensor, head: nn.Module,
-                    scale: float, softcap: float) -> torch.Tensor:
+def head_logits(hidden: torch.Tensor, head: nn.Module, scale: float = 1.0, softcap: float = 0.0) -> torch.Tensor:
+    """The model's logits for these hidden states, in fp32."""
     logits = head(hidden).float()
     if scale != 1.0:
         logits = logits * scale
     if softcap:
         logits = torch.tanh(logits / softcap) * softcap
+    return logits
+
+
+def _chunk_logprobs(hidden: torch.Tensor, targets: torch.Tensor, head: nn.Module,
+                    scale: float, softcap: float) -> torch.Tensor:
+    logits = head_logits(hidden, head, scale, softcap)
     return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
 
 

@@ -103,8 +103,8 @@ def build_model(arch: str, out_dir: str | Path, tokenizer=None, seed: int = 0, *
     spec = dict(ARCHITECTURES[arch], **overrides)
     cls = getattr(transformers, spec.pop("cls"))
     tokenizer = tokenizer or build_tokenizer(None)
+    spec.setdefault("vocab_size", len(tokenizer))
     config = cls.config_class(
-        vocab_size=len(tokenizer),
         max_position_embeddings=2048,
         bos_token_id=None,
         eos_token_id=tokenizer.eos_token_id,

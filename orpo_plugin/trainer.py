@@ -15,7 +15,7 @@ from axolotl.core.trainers.base import AxolotlTrainer
 from axolotl.utils.logging import get_logger
 
 from orpo_plugin import odds
-from orpo_plugin.logprobs import logit_transform, token_logprobs
+from orpo_plugin.logprobs import head_logits, logit_transform, token_logprobs
 from orpo_plugin.pairs import IGNORE_INDEX, PairCollator, tokenize_dataset
 
 LOG = get_logger(__name__)
@@ -100,6 +100,24 @@ def orpo_batch_stats(model, batch: dict[str, torch.Tensor], settings: OrpoSettin
     )
 
 
+def check_final_hidden_state(model, input_ids: torch.Tensor) -> None:
+    """The loss reads hidden_states[-1] as the LM head's input. That holds for Llama, Mistral,
+    Qwen2 and most decoders in transformers 5, but not for every architecture: verify it
+    once, on a few tokens, instead of training on wrong log-probs."""
+    base = _unwrap(model)
+    with torch.no_grad():
+        out = model(input_ids=input_ids[:1, :8], use_cache=False, output_hidden_states=True, logits_to_keep=1)
+        ours = head_logits(out.hidden_states[-1][:, -1:], base.get_output_embeddings(),
+                           *logit_transform(base.config))
+    theirs = out.logits[:, -1:].float()
+    if not torch.allclose(ours, theirs, rtol=1e-3, atol=1e-3 * theirs.abs().max().item()):
+        raise RuntimeError(
+            f"orpo_plugin: {type(base).__name__} does not feed its last hidden state straight to "
+            f"its LM head, so ORPO log-probs cannot be computed without full logits. Supported "
+            f"and tested: Llama, Mistral, Qwen2. Use Axolotl's built-in `rl: orpo` for this model."
+        )
+
+
 def _unwrap(model):
     model = getattr(model, "module", model)  # DDP
     if hasattr(model, "get_base_model"):  # PEFT
@@ -140,6 +158,7 @@ class OrpoTrainer(AxolotlTrainer):
         # the accumulation steps again.
         self.model_accepts_loss_kwargs = True
         self._orpo_totals = {"train": None, "eval": None}
+        self._head_checked = False
 
     # -- loss -------------------------------------------------------------------------
     def _get_num_items_in_batch(self, batch_samples, device):
@@ -153,6 +172,9 @@ class OrpoTrainer(AxolotlTrainer):
         return counts
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if not self._head_checked:
+            check_final_hidden_state(model, inputs["input_ids"])
+            self._head_checked = True
         stats = orpo_batch_stats(model, inputs, self.orpo)
         if num_items_in_batch is None:  # evaluation, or a caller outside the training loop
             nll_tokens, pairs, world = max(stats.n_nll_tokens, 1), stats.n_pairs, 1

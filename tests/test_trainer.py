@@ -123,3 +123,49 @@ def test_gradient_accumulation_4x1_equals_1x4(model_dirs, tokenizer, tmp_path, f
     for name in d1:
         _assert_rel(d2[name], d1[name], 1e-4)
     assert max(d.abs().max().item() for d in d1.values()) > 1e-4  # the step moved something
+
+
+@pytest.mark.parametrize("lora", [True, False], ids=["lora", "full"])
+def test_gradient_checkpointing_gives_the_same_step(lora, model_dirs, tokenizer, tmp_path, fresh_plugins):
+    from axolotl.integrations.base import PluginManager
+
+    deltas = []
+    for checkpointing in (False, True):
+        PluginManager._instance = None
+        cfg = make_cfg(model_dirs["mistral"], tmp_path / str(checkpointing), optimizer="sgd",
+                       learning_rate=1.0, max_grad_norm=0.0, gradient_checkpointing=checkpointing)
+        model = load_model(model_dirs["mistral"], lora=lora)
+        before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+        trainer = build_trainer(cfg, model, tokenizer, pair_dataset(tokenizer, n=4))
+        trainer.train()
+        assert model.is_gradient_checkpointing == checkpointing
+        deltas.append({n: p.detach() - before[n] for n, p in model.named_parameters() if p.requires_grad})
+    for name in deltas[0]:
+        _assert_rel(deltas[1][name], deltas[0][name], 1e-5)
+
+
+def test_architectures_whose_last_hidden_state_is_not_the_head_input_are_refused(model_dirs):
+    from types import SimpleNamespace
+
+    from orpo_plugin.trainer import check_final_hidden_state
+
+    real = load_model(model_dirs["qwen2"], lora=False)
+    ids = torch.tensor([[1, 5, 9, 2]])
+    check_final_hidden_state(real, ids)  # Qwen2: hidden_states[-1] is the final-norm output
+
+    class PreNormOutput(torch.nn.Module):
+        """Reports the hidden state before the final norm, as some architectures do."""
+
+        def __init__(self, inner):
+            super().__init__()
+            self.inner, self.config = inner, inner.config
+
+        def get_output_embeddings(self):
+            return self.inner.get_output_embeddings()
+
+        def forward(self, **kwargs):
+            out = self.inner(**kwargs)
+            return SimpleNamespace(logits=out.logits, hidden_states=out.hidden_states[:-2] + (out.hidden_states[-2],))
+
+    with pytest.raises(RuntimeError, match="Qwen2ForCausalLM|PreNormOutput|LM head"):
+        check_final_hidden_state(PreNormOutput(real), ids)
