@@ -22,28 +22,15 @@ CHATML_TEMPLATE = (
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
 # Widths are multiples of 32 so that GGUF block quantization applies (see serve/).
+_SMALL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4)
 ARCHITECTURES = {
-    "llama": dict(
-        cls="LlamaForCausalLM", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False,
-    ),
-    "llama-tied": dict(
-        cls="LlamaForCausalLM", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
-    ),
-    "mistral": dict(
-        cls="MistralForCausalLM", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=1, tie_word_embeddings=False,
-    ),
-    "qwen2": dict(
-        cls="Qwen2ForCausalLM", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
-    ),
+    "llama": dict(_SMALL, cls="LlamaForCausalLM", num_key_value_heads=2, tie_word_embeddings=False),
+    "llama-tied": dict(_SMALL, cls="LlamaForCausalLM", num_key_value_heads=2, tie_word_embeddings=True),
+    "mistral": dict(_SMALL, cls="MistralForCausalLM", num_key_value_heads=1, tie_word_embeddings=False),
+    "qwen2": dict(_SMALL, cls="Qwen2ForCausalLM", num_key_value_heads=2, tie_word_embeddings=True),
     # The embedded default used by example_configs/tiny-cpu.yml.
-    "demo": dict(
-        cls="LlamaForCausalLM", hidden_size=128, intermediate_size=256, num_hidden_layers=4,
-        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False,
-    ),
+    "demo": dict(cls="LlamaForCausalLM", hidden_size=128, intermediate_size=256, num_hidden_layers=4,
+                 num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False),
 }
 
 
