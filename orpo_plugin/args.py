@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 
 RL_NAME = "orpo_plugin"
 TRAINER_CLS = "orpo_plugin.trainer.OrpoTrainer"
@@ -29,6 +29,24 @@ class OrpoArgs(BaseModel):
         default=None,
         json_schema_extra={"description": "Set by `rl: orpo_plugin`; the plugin acts only then."},
     )
+    orpo_on_bad_row: Literal["error", "skip"] | None = Field(
+        default="error",
+        json_schema_extra={
+            "description": "A row that cannot be trained on (missing or empty field, chosen == "
+            "rejected, malformed conversation, invalid JSON): 'error' stops preprocessing with a "
+            "message naming dataset, row, field and reason; 'skip' drops it and reports counts."
+        },
+    )
+    orpo_loss: str | None = Field(
+        default="orpo",
+        json_schema_extra={"description": "Preference loss by name, from those registered through the "
+                           "orpo_plugin pluggy hook `register_losses` (built in: orpo)."},
+    )
+    orpo_field_maps: dict | None = Field(
+        default=None,
+        json_schema_extra={"description": "Internal: field_prompt/field_chosen/... of the dataset "
+                           "entries, moved here by the plugin because Axolotl's dataset schema drops them."},
+    )
     orpo_logprob_method: Literal["auto", "fused", "chunked"] | None = Field(
         default="auto",
         json_schema_extra={
@@ -47,6 +65,16 @@ class OrpoArgs(BaseModel):
     @classmethod
     def rl_alias(cls, data):
         return apply_rl_alias(data)
+
+    @field_validator("orpo_loss")
+    @classmethod
+    def check_orpo_loss(cls, value):
+        from orpo_plugin.plugins import get_losses
+
+        if value is not None and value not in get_losses():
+            raise ValueError(f"orpo_loss {value!r} is not registered; available: "
+                             f"{', '.join(sorted(get_losses()))} (add one with the register_losses hook)")
+        return value
 
     @model_validator(mode="before")
     @classmethod

@@ -16,64 +16,96 @@ PAIR_COLUMNS = ("prompt_input_ids", "chosen_input_ids", "rejected_input_ids")
 
 
 def _strip_closing_eos(text: str, eos_token: str | None) -> str:
-    """Rendered chat turns often end with '<eos>\\n'; the EOS is appended as an id instead."""
+    """Rendered chat turns often end with '<eos>\n'; the EOS is appended as an id instead."""
     stripped = text.rstrip()
     if eos_token and stripped.endswith(eos_token):
         return stripped[: -len(eos_token)]
     return text
 
 
-def encode_prompt(tokenizer, prompt: str) -> list[int]:
-    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+def encode_prompts(tokenizer, texts: list[str]) -> list[list[int]]:
+    """Batched; a BOS is prepended once where the tokenizer uses one and the text lacks it."""
+    encoded = tokenizer(list(texts), add_special_tokens=False)["input_ids"]
     bos = tokenizer.bos_token_id
-    if bos is not None and getattr(tokenizer, "add_bos_token", True) and ids[:1] != [bos]:
-        ids = [bos] + ids
-    return ids
+    if bos is None or not getattr(tokenizer, "add_bos_token", True):
+        return encoded
+    return [ids if ids[:1] == [bos] else [bos] + ids for ids in encoded]
 
 
-def encode_response(tokenizer, response: str) -> list[int]:
-    text = _strip_closing_eos(response, tokenizer.eos_token)
-    return tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+def encode_responses(tokenizer, texts: list[str]) -> list[list[int]]:
+    """Batched; exactly the response's tokens, then EOS once."""
+    eos = tokenizer.eos_token_id
+    stripped = [_strip_closing_eos(t, tokenizer.eos_token) for t in texts]
+    return [ids + [eos] for ids in tokenizer(stripped, add_special_tokens=False)["input_ids"]]
+
+
+# Notes fit_pair leaves on a pair; DROPPED_* pairs never reach the loss.
+TRUNCATED = "truncated"
+DROPPED_PROMPT = "prompt longer than sequence_len"
+
+
+def fit_pair(prompt: list[int], chosen: list[int], rejected: list[int], max_length: int | None, bos=None):
+    """Fit a pair into max_length tokens per sequence: returns (ids or None, note).
+    A prompt longer than max_length is dropped. Otherwise, if prompt + the longer answer do not
+    fit and the prompt takes more than half, keep the prompt's end (its leading BOS stays),
+    then cut both answers to what is left, so each keeps at least one token."""
+    note = ""
+    if max_length and len(prompt) + max(len(chosen), len(rejected)) > max_length:
+        if len(prompt) >= max_length:
+            return None, DROPPED_PROMPT
+        note = TRUNCATED
+        keep = max_length // 2
+        if len(prompt) > keep:
+            head = prompt[:1] if bos is not None and prompt[:1] == [bos] else []
+            prompt = head + prompt[len(prompt) - (keep - len(head)):]
+        budget = max_length - len(prompt)
+        chosen, rejected = chosen[:budget], rejected[:budget]
+    return {"prompt_input_ids": prompt, "chosen_input_ids": chosen, "rejected_input_ids": rejected}, note
 
 
 def tokenize_pair(tokenizer, prompt: str, chosen: str, rejected: str, max_length: int | None):
     """Token ids of one pair, or (None, reason) when it cannot be trained on within max_length."""
-    prompt_ids = encode_prompt(tokenizer, prompt)
-    chosen_ids = encode_response(tokenizer, chosen)
-    rejected_ids = encode_response(tokenizer, rejected)
-    if max_length:
-        budget = max_length - len(prompt_ids)
-        if budget < 1:
-            return None, "prompt longer than sequence_len"
-        chosen_ids, rejected_ids = chosen_ids[:budget], rejected_ids[:budget]
-    return {
-        "prompt_input_ids": prompt_ids,
-        "chosen_input_ids": chosen_ids,
-        "rejected_input_ids": rejected_ids,
-    }, None
+    [p], [c, r] = encode_prompts(tokenizer, [prompt]), encode_responses(tokenizer, [chosen, rejected])
+    ids, note = fit_pair(p, c, r, max_length, tokenizer.bos_token_id)
+    return ids, (note if ids is None else None)
+
+
+def encode_string_pairs(batch, tokenizer, max_length):
+    """datasets.map(batched=True) body for rows of prompt/chosen/rejected strings: PAIR_COLUMNS
+    plus `orpo_note` (empty, TRUNCATED or a DROPPED_* reason)."""
+    prompts = encode_prompts(tokenizer, batch["prompt"])
+    chosen = encode_responses(tokenizer, batch["chosen"])
+    rejected = encode_responses(tokenizer, batch["rejected"])
+    out = {c: [] for c in (*PAIR_COLUMNS, "orpo_note")}
+    for p, c, r in zip(prompts, chosen, rejected):
+        ids, note = fit_pair(p, c, r, max_length, tokenizer.bos_token_id)
+        for col in PAIR_COLUMNS:
+            out[col].append(ids[col] if ids else [])
+        out["orpo_note"].append(note)
+    return out
+
+
+def drop_unfit(tokenized, num_proc=None):
+    """Remove dropped pairs; returns (dataset, Counter of notes over all pairs)."""
+    from collections import Counter
+
+    notes = Counter(tokenized["orpo_note"])
+    kept = tokenized.filter(lambda n: n in ("", TRUNCATED), input_columns="orpo_note", num_proc=num_proc)
+    return kept.remove_columns("orpo_note"), notes
 
 
 def tokenize_dataset(dataset, tokenizer, max_length: int | None, num_proc: int | None = None):
-    """Map rows with string prompt/chosen/rejected (TRL's form, also what Axolotl's ORPO
-    strategies produce) to PAIR_COLUMNS; rows that cannot fit are dropped and counted."""
+    """Rows with string prompt/chosen/rejected (TRL's form, and what Axolotl's ORPO strategies
+    produce) -> PAIR_COLUMNS; already tokenized datasets pass through. Returns (dataset,
+    number of pairs dropped)."""
     if all(c in dataset.column_names for c in PAIR_COLUMNS):
         return dataset, 0
-
-    def encode(batch):
-        out = {c: [] for c in PAIR_COLUMNS}
-        for p, c, r in zip(batch["prompt"], batch["chosen"], batch["rejected"]):
-            ids, _ = tokenize_pair(tokenizer, p, c, r, max_length)
-            for col in PAIR_COLUMNS:
-                out[col].append(ids[col] if ids else [])
-        return out
-
     tokenized = dataset.map(
-        encode, batched=True, remove_columns=dataset.column_names, num_proc=num_proc,
-        desc="ORPO: tokenizing pairs",
+        encode_string_pairs, batched=True, remove_columns=dataset.column_names, num_proc=num_proc,
+        fn_kwargs={"tokenizer": tokenizer, "max_length": max_length}, desc="ORPO: tokenizing pairs",
     )
-    before = len(tokenized)
-    tokenized = tokenized.filter(lambda row: len(row["chosen_input_ids"]) > 0, num_proc=num_proc)
-    return tokenized, before - len(tokenized)
+    kept, notes = drop_unfit(tokenized, num_proc)
+    return kept, len(tokenized) - len(kept)
 
 
 @dataclass

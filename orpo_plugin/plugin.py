@@ -9,8 +9,9 @@ from axolotl.integrations.base import BasePlugin
 from axolotl.utils.logging import get_logger
 
 from orpo_plugin.args import apply_rl_alias
+from orpo_plugin.datasets import OrpoDataError, load_preference_data, split_field_maps
 
-LOG = get_logger(__name__)
+LOG = get_logger(f"axolotl.{__name__}")  # Axolotl shows INFO only from axolotl.* loggers
 
 
 def _cpu_safe_precision(cfg) -> None:
@@ -44,15 +45,22 @@ class OrpoPlugin(BasePlugin):
     def register(self, cfg: dict) -> None:
         # Before validation, so Axolotl's own ORPO validators already see `rl: orpo`.
         apply_rl_alias(cfg)
+        split_field_maps(cfg)
         if cfg.get("orpo_plugin"):
             _cpu_safe_precision(cfg)
 
     def load_datasets(self, cfg, preprocess: bool = False):
-        # The first hook after Axolotl's normalize_config and before the model loader reads
-        # cfg.device_map. Returning None leaves dataset loading to Axolotl.
-        if cfg.orpo_plugin:
-            _cpu_data_parallel(cfg)
-        return None
+        """Our own data pipeline for `rl: orpo_plugin` (datasets.py). Also the first hook
+        after Axolotl's normalize_config and before the model loader reads cfg.device_map."""
+        if not cfg.orpo_plugin:
+            return None
+        _cpu_data_parallel(cfg)
+        try:
+            return load_preference_data(cfg, preprocess=preprocess)
+        except OrpoDataError as err:
+            # Expected bad input: one clear message and a non-zero exit, no traceback.
+            LOG.error(str(err))
+            raise SystemExit(2) from None
 
     def post_trainer_create(self, cfg, trainer) -> None:
         from orpo_plugin.trainer import OrpoSettings, OrpoTrainer

@@ -17,8 +17,9 @@ from axolotl.utils.logging import get_logger
 from orpo_plugin import odds
 from orpo_plugin.logprobs import head_logits, logit_transform, token_logprobs
 from orpo_plugin.pairs import IGNORE_INDEX, PairCollator, tokenize_dataset
+from orpo_plugin.plugins import get_losses
 
-LOG = get_logger(__name__)
+LOG = get_logger(f"axolotl.{__name__}")  # Axolotl shows INFO only from axolotl.* loggers
 _NO_LOGITS = torch.empty(0, dtype=torch.long)  # logits_to_keep: run the model without its head
 
 
@@ -28,6 +29,7 @@ class OrpoSettings:
     train_on_inputs: bool = False  # NLL on prompt + response (TRL's choice) instead of response only
     chunk_tokens: int | None = None
     logprob_method: str = "auto"
+    loss: str = "orpo"  # a name registered through the register_losses hook
 
     @classmethod
     def from_cfg(cls, cfg) -> "OrpoSettings":
@@ -37,6 +39,7 @@ class OrpoSettings:
             train_on_inputs=bool(cfg.train_on_inputs),
             chunk_tokens=cfg.orpo_chunk_tokens,
             logprob_method=cfg.orpo_logprob_method or "auto",
+            loss=cfg.orpo_loss or "orpo",
         )
 
 
@@ -93,7 +96,7 @@ def orpo_batch_stats(model, batch: dict[str, torch.Tensor], settings: OrpoSettin
     z = odds.log_odds_ratio(chosen_avg, rejected_avg)
     return PairBatchStats(
         loss_nll_sum=-(logp * is_nll).sum(),
-        loss_or_sum=odds.odds_ratio_loss(z).sum(),
+        loss_or_sum=get_losses()[settings.loss].penalty(chosen_avg, rejected_avg).sum(),
         pair_sums=odds.pair_sums(chosen_avg, rejected_avg, z),
         n_pairs=n_pairs,
         n_nll_tokens=int(nll_mask.sum()),
@@ -182,7 +185,8 @@ class OrpoTrainer(AxolotlTrainer):
             nll_tokens, pairs = num_items_in_batch.clamp(min=1).tolist()
             # DDP averages gradients over ranks; the counts are already global.
             world = self.accelerator.num_processes
-        loss = (stats.loss_nll_sum / nll_tokens + self.orpo.alpha * stats.loss_or_sum / pairs) * world
+        nll = stats.loss_nll_sum / nll_tokens if get_losses()[self.orpo.loss].include_nll else 0.0
+        loss = (nll + self.orpo.alpha * stats.loss_or_sum / pairs) * world
         split = "train" if model.training else "eval"
         self._accumulate(split, stats)
         return (loss, {}) if return_outputs else loss

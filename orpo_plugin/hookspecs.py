@@ -1,0 +1,24 @@
+"""The project's extension points. A third-party package implements any of these with
+`@orpo_plugin.hookimpl` and lists its module under the entry-point group `orpo_plugin`:
+
+    [project.entry-points.orpo_plugin]
+    my_formats = "my_package.orpo_formats"
+
+The built-in formats and the ORPO loss are registered through these same hooks.
+"""
+
+import pluggy
+
+hookspec = pluggy.HookspecMarker("orpo_plugin")
+hookimpl = pluggy.HookimplMarker("orpo_plugin")
+
+
+@hookspec
+def register_formats(register):
+    """Register preference-dataset formats: call register(PreferenceFormat(...)) for each."""
+
+
+@hookspec
+def register_losses(register):
+    """Register preference losses: call register(PreferenceLoss(...)) for each; the YAML key
+    `orpo_loss` selects one by name."""

@@ -1,0 +1,47 @@
+"""The pluggy plugin manager: built-ins first, then third parties from entry points."""
+
+from __future__ import annotations
+
+import importlib
+from functools import cache
+
+import pluggy
+
+from orpo_plugin import hookspecs
+
+ENTRY_POINT_GROUP = "orpo_plugin"
+DEFAULT_PLUGINS = ("orpo_plugin.formats", "orpo_plugin.losses")
+
+pm = pluggy.PluginManager("orpo_plugin")
+pm.add_hookspecs(hookspecs)
+for _name in DEFAULT_PLUGINS:
+    pm.register(importlib.import_module(_name), name=_name)
+pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP)
+
+
+def _collect(hook) -> dict:
+    items: dict = {}
+
+    def register(item):
+        if item.name in items:
+            raise ValueError(f"orpo_plugin: two plugins register {item.name!r}; names must be unique")
+        items[item.name] = item
+
+    hook(register=register)
+    return items
+
+
+@cache
+def get_formats() -> dict:
+    return _collect(pm.hook.register_formats)
+
+
+@cache
+def get_losses() -> dict:
+    return _collect(pm.hook.register_losses)
+
+
+def refresh() -> None:
+    """Forget the cached registrations (after pm.register / pm.unregister)."""
+    get_formats.cache_clear()
+    get_losses.cache_clear()
