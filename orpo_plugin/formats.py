@@ -176,7 +176,7 @@ def _question_pair(row: Mapping) -> Pair:
 BUILTIN_FORMATS = (
     PreferenceFormat(
         "prompt", "prompt (text or messages), chosen, rejected (text or assistant message), optional system",
-        lambda row: {"prompt", "chosen", "rejected"} <= row.keys() and "question" not in row,
+        lambda row: {"prompt", "chosen", "rejected"} <= row.keys(),
         _prompt_pair,
     ),
     PreferenceFormat(
@@ -187,7 +187,7 @@ BUILTIN_FORMATS = (
     ),
     PreferenceFormat(
         "question", "system (optional), question, chosen, rejected",
-        lambda row: {"question", "chosen", "rejected"} <= row.keys() and "prompt" not in row,
+        lambda row: {"question", "chosen", "rejected"} <= row.keys(),
         _question_pair,
     ),
 )

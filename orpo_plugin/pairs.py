@@ -23,13 +23,22 @@ def _strip_closing_eos(text: str, eos_token: str | None) -> str:
     return text
 
 
+def special_prefix(tokenizer) -> list[int]:
+    """The ids the tokenizer itself puts before a text (Llama's BOS; nothing for Qwen2 or
+    ChatML-only tokenizers): HF's own behaviour, whatever its config flags say."""
+    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
+    full = tokenizer("a", add_special_tokens=True)["input_ids"]
+    return full[: full.index(plain[0])] if plain and plain[0] in full else []
+
+
 def encode_prompts(tokenizer, texts: list[str]) -> list[list[int]]:
-    """Batched; a BOS is prepended once where the tokenizer uses one and the text lacks it."""
+    """Batched; the tokenizer's own prefix (BOS) once, not again when a chat template
+    already wrote it into the text."""
     encoded = tokenizer(list(texts), add_special_tokens=False)["input_ids"]
-    bos = tokenizer.bos_token_id
-    if bos is None or not getattr(tokenizer, "add_bos_token", True):
+    prefix = special_prefix(tokenizer)
+    if not prefix:
         return encoded
-    return [ids if ids[:1] == [bos] else [bos] + ids for ids in encoded]
+    return [ids if ids[: len(prefix)] == prefix else prefix + ids for ids in encoded]
 
 
 def encode_responses(tokenizer, texts: list[str]) -> list[list[int]]:

@@ -16,10 +16,16 @@ pm = pluggy.PluginManager("orpo_plugin")
 pm.add_hookspecs(hookspecs)
 for _name in DEFAULT_PLUGINS:
     pm.register(importlib.import_module(_name), name=_name)
-pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP)
+
+
+@cache
+def _load_entry_points() -> None:
+    """On first use, not at import: a third-party plugin imports orpo_plugin itself."""
+    pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP)
 
 
 def _collect(hook) -> dict:
+    _load_entry_points()
     items: dict = {}
 
     def register(item):

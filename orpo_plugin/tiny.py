@@ -54,9 +54,10 @@ def _corpus(n_lines: int, seed: int) -> list[str]:
     return lines
 
 
-def build_tokenizer(out_dir: str | Path, vocab_size: int = 512, seed: int = 0):
-    """Train a byte-level BPE tokenizer with ChatML specials; EOS is the end-of-turn token."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+def build_tokenizer(out_dir: str | Path, vocab_size: int = 512, seed: int = 0, bos_token: str | None = None):
+    """Train a byte-level BPE tokenizer with ChatML specials; EOS is the end-of-turn token.
+    bos_token (e.g. "<|endoftext|>") makes a Llama-style tokenizer that starts prompts with it."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
@@ -69,10 +70,15 @@ def build_tokenizer(out_dir: str | Path, vocab_size: int = 512, seed: int = 0):
         show_progress=False,
     )
     tok.train_from_iterator(_corpus(3000, seed), trainer=trainer)
+    if bos_token:  # like Llama: the tokenizer itself starts every encoding with BOS
+        bos_id = tok.token_to_id(bos_token)
+        tok.post_processor = processors.TemplateProcessing(
+            single=f"{bos_token} $A", pair=f"{bos_token} $A {bos_token} $B", special_tokens=[(bos_token, bos_id)])
     hf = PreTrainedTokenizerFast(
         tokenizer_object=tok,
         eos_token="<|im_end|>",
         pad_token="<|endoftext|>",
+        bos_token=bos_token,
         additional_special_tokens=["<|im_start|>"],
     )
     hf.chat_template = CHATML_TEMPLATE

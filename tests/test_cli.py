@@ -106,3 +106,47 @@ def test_two_ranks_gloo_equal_one_process(tmp_path, tiny_default):
     assert moved > 1e-3
     for name, tensor in weights[0].items():
         torch.testing.assert_close(weights[1][name], tensor, rtol=1e-4, atol=1e-6)
+
+
+def test_preprocess_then_train_with_every_format(tmp_path, tiny_default):
+    """One entry per format (TRL strings, messages, UltraFeedback, conversations, Orca
+    question, mapped columns) through `axolotl preprocess` and `axolotl train`."""
+    from test_datasets import FIELD_MAP, ROWS_BY_FORMAT
+
+    entries = []
+    for n, (name, golden) in enumerate(ROWS_BY_FORMAT.items()):
+        text = json.dumps(golden)
+        rows = [text.replace("2 + 3", f"{i} + 3").replace("= 6", f"= {200 + i}").replace("= 5", f"= {100 + i}")
+                for i in range(8)]
+        path = tmp_path / f"format{n}.jsonl"
+        path.write_text("\n".join(rows) + "\n")
+        entry = {"path": str(path), "ds_type": "json", "type": "orpo_plugin.preference"}
+        if name == "mapped columns":
+            entry.update({f"field_{k}": v for k, v in FIELD_MAP.items()})
+        entries.append(entry)
+    config = _tiny_config(tmp_path, tiny_default, datasets=entries, test_datasets=None, eval_steps=None,
+                          val_set_size=0.0, max_steps=2, micro_batch_size=4)
+    pre = subprocess.run([str(BIN / "axolotl"), "preprocess", str(config)], cwd=tmp_path, env=_env(),
+                         capture_output=True, text=True, timeout=600)
+    assert pre.returncode == 0, pre.stdout[-3000:]
+    expected = ["prompt", "prompt", "prompt", "conversation", "question", "prompt"]
+    for n, fmt in enumerate(expected):
+        assert f"format{n}.jsonl [{fmt}]: 8 rows -> 8 pairs" in pre.stdout, pre.stdout[-3000:]
+    assert list((tmp_path / "prepared" / "orpo_plugin").glob("*/train"))
+    run = _train(config, "--launcher", "python")
+    assert "orpo_plugin: loading prepared pairs" in run.stdout
+    assert (tmp_path / "out" / "adapter_model.safetensors").exists()
+
+
+def test_bad_row_exits_nonzero_with_one_message_and_no_traceback(tmp_path, tiny_default):
+    data = tmp_path / "bad.jsonl"
+    data.write_text('{"prompt": "Q", "chosen": "A", "rejected": "B"}\n{"prompt": "Q", "chosen": "A"}\n')
+    config = _tiny_config(tmp_path, tiny_default, test_datasets=None, eval_steps=None,
+                          datasets=[{"path": str(data), "ds_type": "json", "type": "orpo_plugin.preference"}])
+    proc = subprocess.run([str(BIN / "axolotl"), "preprocess", str(config)], cwd=tmp_path, env=_env(),
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 2
+    out = proc.stdout + proc.stderr
+    assert f"{data} row 1 (line 2): field 'rejected': missing field" in out
+    assert "orpo_on_bad_row: skip" in out
+    assert "Traceback" not in out

@@ -27,20 +27,17 @@ def test_rendered_turn_ending_keeps_a_single_eos(tokenizer):
     assert ids["rejected_input_ids"].count(eos) == 1
 
 
-def test_bos_is_added_once(tokenizer):
-    class WithBos:
-        """The fixture tokenizer, but with a BOS as Llama-3's has."""
+def test_bos_is_added_once():
+    """A Llama-style tokenizer (it adds BOS itself): one BOS, also when the text has one."""
+    from orpo_plugin import tiny
 
-        bos_token_id, eos_token_id, eos_token = 0, tokenizer.eos_token_id, tokenizer.eos_token
-
-        def __call__(self, text, add_special_tokens=False):
-            return tokenizer(text, add_special_tokens=add_special_tokens)
-
-    bos_text = tokenizer.convert_ids_to_tokens(0)
-    plain, _ = tokenize_pair(WithBos(), "Hello", "a", "b", None)
-    already, _ = tokenize_pair(WithBos(), bos_text + "Hello", "a", "b", None)
-    assert plain["prompt_input_ids"][0] == 0 and plain["prompt_input_ids"][1] != 0
+    tok = tiny.build_tokenizer(None, bos_token="<|endoftext|>")
+    plain, _ = tokenize_pair(tok, "Hello", "a", "b", None)
+    already, _ = tokenize_pair(tok, "<|endoftext|>Hello", "a", "b", None)
+    assert plain["prompt_input_ids"][0] == tok.bos_token_id
+    assert plain["prompt_input_ids"].count(tok.bos_token_id) == 1
     assert already["prompt_input_ids"] == plain["prompt_input_ids"]
+    assert plain["chosen_input_ids"].count(tok.bos_token_id) == 0
 
 
 def test_truncation_cuts_responses_and_drops_prompts_that_fill_the_budget(tokenizer):

@@ -1,0 +1,117 @@
+"""pluggy extension points: built-ins registered through the hooks, a third-party format found
+through the `orpo_plugin` entry-point group and trained with, a registered loss variant."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+import types
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import build_trainer, load_model, loss_metrics_grads, make_cfg, pair_dataset
+from pydantic import ValidationError
+from test_cli import _env, _train, _tiny_config
+
+from orpo_plugin import PreferenceLoss, hookimpl, plugins
+
+ACME = textwrap.dedent('''
+    """A third-party format: rows of instruction / good / bad."""
+    from orpo_plugin import Pair, PreferenceFormat, hookimpl
+    from orpo_plugin.formats import distinct, text
+
+    def to_pair(row):
+        prompt = [{"role": "user", "content": text(row, "instruction")}]
+        return distinct(Pair(prompt, text(row, "good"), text(row, "bad")))
+
+    @hookimpl
+    def register_formats(register):
+        register(PreferenceFormat("acme", "instruction, good, bad",
+                                  lambda row: {"instruction", "good", "bad"} <= row.keys(), to_pair))
+''')
+
+
+@pytest.fixture()
+def acme_site(tmp_path):
+    """An installed-looking package: a module plus dist-info with an entry point."""
+    site = tmp_path / "site"
+    (site / "acme_orpo-0.1.dist-info").mkdir(parents=True)
+    (site / "acme_orpo.py").write_text(ACME)
+    (site / "acme_orpo-0.1.dist-info" / "METADATA").write_text("Metadata-Version: 2.1\nName: acme-orpo\nVersion: 0.1\n")
+    (site / "acme_orpo-0.1.dist-info" / "entry_points.txt").write_text("[orpo_plugin]\nacme = acme_orpo\n")
+    return site
+
+
+def test_builtins_come_through_the_same_hooks():
+    names = {plugins.pm.get_name(p) for p in plugins.pm.get_plugins()}
+    assert set(plugins.DEFAULT_PLUGINS) <= names
+    assert {"prompt", "conversation", "question"} <= set(plugins.get_formats())
+    assert "orpo" in plugins.get_losses()
+
+
+def test_entry_point_format_is_discovered(acme_site):
+    env = dict(_env(), PYTHONPATH=str(acme_site))
+    out = subprocess.run([sys.executable, "-c", "from orpo_plugin import plugins; print(sorted(plugins.get_formats()))"],
+                         env=env, capture_output=True, text=True, check=True)
+    assert "'acme'" in out.stdout
+
+
+def test_third_party_format_trains_through_the_cli(acme_site, tmp_path, tiny_default):
+    rows = [{"instruction": f"What is {i} + {i}?", "good": f"{2 * i}", "bad": f"{2 * i + 1}"} for i in range(16)]
+    data = tmp_path / "acme.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    config = _tiny_config(tmp_path, tiny_default, max_steps=2, test_datasets=None, eval_steps=None,
+                          datasets=[{"path": str(data), "ds_type": "json", "type": "orpo_plugin.preference"}])
+    proc = subprocess.run([sys.executable.replace("python", "axolotl"), "train", str(config), "--launcher", "python"],
+                          cwd=tmp_path, env=dict(_env(), PYTHONPATH=str(acme_site)), capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    assert f"{data} [acme]: 16 rows -> 16 pairs" in proc.stdout
+    assert (tmp_path / "out" / "adapter_model.safetensors").exists()
+
+
+def _margin_penalty(chosen_avg, rejected_avg):
+    return -F.logsigmoid(chosen_avg - rejected_avg)
+
+
+@pytest.fixture()
+def margin_loss():
+    plugin = types.SimpleNamespace(register_losses=hookimpl(
+        lambda register: register(PreferenceLoss("margin", _margin_penalty, include_nll=False))))
+    plugins.pm.register(plugin, name="test-margin")
+    plugins.refresh()
+    yield
+    plugins.pm.unregister(name="test-margin")
+    plugins.refresh()
+
+
+def test_registered_loss_is_selected_by_orpo_loss(margin_loss, model_dirs, tokenizer, tmp_path, fresh_plugins):
+    cfg = make_cfg(model_dirs["llama"], tmp_path, orpo_loss="margin", orpo_alpha=0.5, micro_batch_size=1)
+    model = load_model(model_dirs["llama"], lora=True)
+    trainer = build_trainer(cfg, model, tokenizer, pair_dataset(tokenizer, n=1))
+    assert trainer.orpo.loss == "margin"
+    loss, logs, _ = loss_metrics_grads(trainer, model)
+    a, b = torch.tensor(logs["logps/chosen"]), torch.tensor(logs["logps/rejected"])
+    assert loss == pytest.approx(0.5 * _margin_penalty(a, b).item(), rel=1e-5)  # no NLL term
+    assert logs["nll_loss"] > 0  # still reported
+
+
+def test_unknown_loss_name_lists_the_registered_ones(model_dirs, tmp_path, fresh_plugins):
+    with pytest.raises(ValidationError, match=r"orpo_loss 'simpo' is not registered; available: orpo"):
+        make_cfg(model_dirs["llama"], tmp_path, orpo_loss="simpo")
+
+
+def test_two_registrations_of_one_name_are_refused():
+    plugin = types.SimpleNamespace(register_losses=hookimpl(
+        lambda register: register(PreferenceLoss("orpo", _margin_penalty))))
+    plugins.pm.register(plugin, name="test-dup")
+    plugins.refresh()
+    try:
+        with pytest.raises(ValueError, match="two plugins register 'orpo'"):
+            plugins.get_losses()
+    finally:
+        plugins.pm.unregister(name="test-dup")
+        plugins.refresh()
