@@ -36,6 +36,7 @@ tiny: setup
 bench: setup
 	mkdir -p build
 	$(BIN)/python benchmarks/bench_train_step.py --json build/bench_train_step.json
+	$(BIN)/python benchmarks/bench_data.py
 
 clean:
 	rm -rf build outputs last_run_prepared .pytest_cache

@@ -115,7 +115,13 @@ def read_rows(ds_cfg, cfg) -> Iterator[tuple[str, dict | BadRow]]:
     if hasattr(dataset, "keys"):  # DatasetDict
         dataset = dataset[ds_cfg.get("split") or "train"]
     for i, row in enumerate(dataset):
-        yield f"row {i}", row
+        yield f"row {i}", present(row)
+
+
+def present(row: dict) -> dict:
+    """Arrow tables give every row every column, None where a row had none: drop those so
+    shape detection sees the row's own fields."""
+    return {k: v for k, v in row.items() if v is not None}
 
 
 # -- checking and normalizing -----------------------------------------------------------
@@ -308,7 +314,7 @@ def preference(cfg, dataset_idx: int = 0, **kwargs):
     field_map = ((cfg.orpo_field_maps or {}).get("datasets") or [{}] * (dataset_idx + 1))[dataset_idx]
 
     def transform(sample, tokenizer=None):
-        row = dict(sample)
+        row = present(sample)
         for target, column in field_map.items():
             if column in row:
                 row[target] = row.pop(column)

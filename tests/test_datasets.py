@@ -170,3 +170,20 @@ def test_normalize_reports_format_and_counts():
     report = DatasetReport("mem")
     pairs = normalize_rows(rows, plugins.get_formats(), {}, "mem", "skip", report)
     assert len(pairs) == 1 and report.format == "prompt" and report.skipped == {"empty": 1}
+
+
+def test_strategy_resolves_under_axolotls_own_loader_for_rl_orpo(tmp_path, model_dirs, tokenizer, fresh_plugins):
+    """`type: orpo_plugin.preference` with Axolotl's built-in `rl: orpo` (TRL's trainer): Axolotl
+    resolves <module>.<function>, and the rows become TRL's prompt/chosen/rejected strings."""
+    from axolotl.utils.data.rl import _load_split
+    from helpers import make_cfg
+
+    data = tmp_path / "prefs.jsonl"
+    data.write_text(json.dumps(ROWS_BY_FORMAT["conversation"]) + "\n" + json.dumps(ROWS_BY_FORMAT["question"]) + "\n")
+    cfg = make_cfg(model_dirs["llama"], tmp_path / "out", rl="orpo",
+                   datasets=[{"path": str(data), "ds_type": "json", "type": "orpo_plugin.preference"}])
+    cfg.is_preprocess = True
+    rows = _load_split(cfg, "train")
+    assert sorted(rows.column_names) == ["chosen", "prompt", "rejected"]
+    assert rows[0] == {"prompt": GOLDEN_PROMPT, "chosen": GOOD, "rejected": BAD}
+    assert rows[1] == rows[0]
