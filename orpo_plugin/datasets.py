@@ -182,9 +182,19 @@ def chat_template(cfg, ds_cfg, tokenizer) -> str:
 def render_and_encode(batch, tokenizer, template: str, max_length):
     """datasets.map(batched=True) body: render each prompt with the generation prompt, then
     the same tokenization as every other path (pairs.encode_string_pairs)."""
-    prompts = [tokenizer.apply_chat_template(m, chat_template=template, tokenize=False, add_generation_prompt=True)
-               for m in batch["prompt"]]
+    prompts = [render_prompt(tokenizer, template, m) for m in batch["prompt"]]
     return encode_string_pairs(dict(batch, prompt=prompts), tokenizer, max_length)
+
+
+def render_prompt(tokenizer, template: str, messages: list[dict]) -> str:
+    from jinja2 import TemplateError
+
+    try:
+        return tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False,
+                                             add_generation_prompt=True)
+    except TemplateError as err:
+        raise OrpoDataError(f"the chat template cannot render these messages ({err}); check that "
+                            f"`chat_template` suits this tokenizer") from None
 
 
 # -- one split --------------------------------------------------------------------------
@@ -322,9 +332,7 @@ def preference(cfg, dataset_idx: int = 0, **kwargs):
             pair = detect_format(row, formats, str(entry.get("path"))).to_pair(row)
         except BadRow as bad:
             raise OrpoDataError(f"{entry.get('path')}: {bad}") from None
-        template = chat_template(cfg, entry, tokenizer)
-        prompt = tokenizer.apply_chat_template(pair.prompt, chat_template=template, tokenize=False,
-                                               add_generation_prompt=True)
+        prompt = render_prompt(tokenizer, chat_template(cfg, entry, tokenizer), pair.prompt)
         return {"prompt": prompt, "chosen": pair.chosen, "rejected": pair.rejected}
 
     return transform, {"remove_columns": "__all__"}

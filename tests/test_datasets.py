@@ -187,3 +187,18 @@ def test_strategy_resolves_under_axolotls_own_loader_for_rl_orpo(tmp_path, model
     assert sorted(rows.column_names) == ["chosen", "prompt", "rejected"]
     assert rows[0] == {"prompt": GOLDEN_PROMPT, "chosen": GOOD, "rejected": BAD}
     assert rows[1] == rows[0]
+
+
+def test_axolotls_chat_template_setting_overrides_the_tokenizers(tmp_path, tokenizer):
+    from orpo_plugin import tiny
+
+    bos_tokenizer = tiny.build_tokenizer(None, bos_token="<|endoftext|>")  # llama3's template writes BOS
+    cfg = _cfg(tmp_path, [ROWS_BY_FORMAT["question"]])
+    cfg.chat_template = "llama3"
+    row = prepare_split(cfg, bos_tokenizer, "datasets")[0]
+    prompt = bos_tokenizer.decode(row["prompt_input_ids"])
+    assert prompt.startswith("<|endoftext|><|start_header_id|>system<|end_header_id|>")
+    assert row["prompt_input_ids"].count(bos_tokenizer.bos_token_id) == 1
+    assert SYSTEM in prompt and prompt.endswith("<|start_header_id|>assistant<|end_header_id|>\n\n")
+    with pytest.raises(OrpoDataError, match="chat template cannot render.*bos_token"):
+        prepare_split(cfg, tokenizer, "datasets")  # no BOS at all: a clear error, not a jinja trace
