@@ -37,6 +37,7 @@ bench: setup
 	mkdir -p build
 	$(BIN)/python benchmarks/bench_train_step.py --json build/bench_train_step.json
 	$(BIN)/python benchmarks/bench_data.py
+	$(BIN)/python benchmarks/bench_prefix_sharing.py
 
 clean:
 	rm -rf build outputs last_run_prepared .pytest_cache

@@ -30,6 +30,7 @@ IMPLS = {
     "orpo": ("orpo", {}, "Axolotl rl: orpo (TRL)"),
     "orpo_plugin": ("orpo_plugin", {}, "orpo_plugin (auto = fused)"),
     "orpo_plugin-chunked": ("orpo_plugin", {"orpo_logprob_method": "chunked"}, "orpo_plugin (chunked)"),
+    "orpo_plugin-unshared": ("orpo_plugin", {"orpo_prefix_sharing": False}, "orpo_plugin (unshared rows)"),
 }
 
 
@@ -84,7 +85,25 @@ def pairs(tokenizer, n_pairs: int, prompt_tokens: int, answer_tokens: int, seed:
     ])
 
 
-def worker(impl: str, vocab: int, hidden: int, steps: int, seq: int, pairs_per_step: int) -> dict:
+def tokens_per_step(trainer, n_pairs: int) -> tuple[int, int]:
+    """(positions the model computes in one batch, padding included; the minimum: each pair's
+    prompt once plus both answers)."""
+    features = [trainer.train_dataset[i] for i in range(n_pairs)]
+    batch = trainer.data_collator(features)
+    if "input_ids" in batch:  # ours, either layout
+        computed = batch["input_ids"].numel()
+        useful = sum(len(f["prompt_input_ids"]) + len(f["chosen_input_ids"]) + len(f["rejected_input_ids"])
+                     for f in features)
+    else:  # TRL: chosen and rejected rows, both padded to the longer
+        width = max(batch["chosen_input_ids"].shape[1], batch["rejected_input_ids"].shape[1])
+        computed = 2 * n_pairs * width
+        useful = sum(len(f["chosen_input_ids"]) + len(f["rejected_input_ids"]) - len(f["prompt_input_ids"])
+                     for f in features)
+    return computed, useful
+
+
+def worker(impl: str, vocab: int, hidden: int, steps: int, seq: int, pairs_per_step: int,
+           prompt_tokens: int | None = None, answer_tokens: int | None = None, layers: int = 2) -> dict:
     sys.path.insert(0, str(ROOT / "tests"))
     import torch
     from helpers import build_trainer, load_model, make_cfg
@@ -97,13 +116,14 @@ def worker(impl: str, vocab: int, hidden: int, steps: int, seq: int, pairs_per_s
     tokenizer = tiny.build_tokenizer(work / "model")
     tiny.build_model("llama", work / "model", tokenizer=tokenizer, vocab_size=vocab, hidden_size=hidden,
                      intermediate_size=hidden * 2, num_attention_heads=hidden // 64, num_key_value_heads=2,
-                     num_hidden_layers=2)
+                     num_hidden_layers=layers)
     rl, overrides, _ = IMPLS[impl]
     cfg = make_cfg(work / "model", work / "out", rl=rl, sequence_len=seq, micro_batch_size=pairs_per_step,
                    max_steps=steps + 1, train_on_inputs=True, logging_steps=1000, **overrides)
     model = load_model(work / "model", lora=True)
-    data = pairs(tokenizer, pairs_per_step * (steps + 1), seq // 2, seq // 2 - 4)
+    data = pairs(tokenizer, pairs_per_step * (steps + 1), prompt_tokens or seq // 2, answer_tokens or seq // 2 - 4)
     trainer = build_trainer(cfg, model, tokenizer, data)
+    computed, useful = tokens_per_step(trainer, pairs_per_step)
 
     times, peaks = [], []
 
@@ -122,12 +142,16 @@ def worker(impl: str, vocab: int, hidden: int, steps: int, seq: int, pairs_per_s
         trainer.train()
     return {"impl": impl, "vocab": vocab, "hidden": hidden, "seq": seq, "pairs_per_step": pairs_per_step,
             "step_s": statistics.median(times), "step_peak_mib": max(peaks) / 2**20,
+            "tokens_computed": computed, "tokens_useful": useful,
             "torch": torch.__version__, "threads": torch.get_num_threads()}
 
 
-def run_one(impl, vocab, args) -> dict:
+def run_one(impl, vocab, args, prompt_tokens=None, answer_tokens=None) -> dict:
     cmd = [sys.executable, __file__, "--worker", impl, "--vocab", str(vocab), "--hidden", str(args.hidden),
-           "--steps", str(args.steps), "--seq", str(args.seq), "--pairs", str(args.pairs)]
+           "--steps", str(args.steps), "--seq", str(args.seq), "--pairs", str(args.pairs),
+           "--layers", str(args.layers)]
+    if prompt_tokens:
+        cmd += ["--prompt-tokens", str(prompt_tokens), "--answer-tokens", str(answer_tokens)]
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", WANDB_MODE="disabled",
                AXOLOTL_DO_NOT_TRACK="1", TOKENIZERS_PARALLELISM="false")
     out = subprocess.run(cmd, env=env, capture_output=True, text=True)
@@ -143,19 +167,23 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--seq", type=int, default=1024)
     parser.add_argument("--pairs", type=int, default=2)
+    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--prompt-tokens", type=int)
+    parser.add_argument("--answer-tokens", type=int)
     parser.add_argument("--worker", choices=list(IMPLS), help="internal: one measurement, JSON out")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args(argv)
     vocabs = args.vocab or [32000, 128256]
     if args.worker:
-        print(json.dumps(worker(args.worker, vocabs[0], args.hidden, args.steps, args.seq, args.pairs)))
+        print(json.dumps(worker(args.worker, vocabs[0], args.hidden, args.steps, args.seq, args.pairs,
+                                args.prompt_tokens, args.answer_tokens, args.layers)))
         return
     rows = []
     print("| vocab | trainer | step s | step peak MiB | time vs rl: orpo | memory vs rl: orpo |")
     print("|---|---|---|---|---|---|")
     for vocab in vocabs:
         ref = None
-        for impl in IMPLS:
+        for impl in ("orpo", "orpo_plugin", "orpo_plugin-chunked"):
             row = run_one(impl, vocab, args)
             rows.append(row)
             ref = ref or row

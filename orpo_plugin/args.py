@@ -47,6 +47,19 @@ class OrpoArgs(BaseModel):
         json_schema_extra={"description": "Internal: field_prompt/field_chosen/... of the dataset "
                            "entries, moved here by the plugin because Axolotl's dataset schema drops them."},
     )
+    orpo_prefix_sharing: bool | None = Field(
+        default=None,
+        json_schema_extra={
+            "description": "One sequence per pair, [prompt][chosen][rejected], so the prompt is "
+            "computed once (exact). Default: on where the attention backend takes a custom mask "
+            "(sdpa, eager); with FlashAttention the pairs run unshared."
+        },
+    )
+    orpo_packing: bool | None = Field(
+        default=None,
+        json_schema_extra={"description": "With prefix sharing: pack several pairs per row up to "
+                           "sequence_len, no attention across pairs (exact). Default: on."},
+    )
     orpo_logprob_method: Literal["auto", "fused", "chunked"] | None = Field(
         default="auto",
         json_schema_extra={

@@ -66,5 +66,5 @@ class OrpoPlugin(BasePlugin):
         from orpo_plugin.trainer import OrpoSettings, OrpoTrainer
 
         if cfg.orpo_plugin and isinstance(trainer, OrpoTrainer):
-            trainer.orpo = OrpoSettings.from_cfg(cfg)
-            LOG.info(f"orpo_plugin: {trainer.orpo}")
+            trainer.configure(OrpoSettings.from_cfg(cfg))
+            LOG.info(f"orpo_plugin: {trainer.orpo}, batches: {type(trainer.data_collator).__name__}")

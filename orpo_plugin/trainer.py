@@ -16,7 +16,7 @@ from axolotl.utils.logging import get_logger
 
 from orpo_plugin import odds
 from orpo_plugin.logprobs import head_logits, logit_transform, token_logprobs
-from orpo_plugin.pairs import IGNORE_INDEX, PairCollator, tokenize_dataset
+from orpo_plugin.pairs import CHOSEN, PROMPT, REJECTED, SCORE_KEYS, PairCollator, SharedPairCollator, tokenize_dataset
 from orpo_plugin.plugins import get_losses
 
 LOG = get_logger(f"axolotl.{__name__}")  # Axolotl shows INFO only from axolotl.* loggers
@@ -30,6 +30,8 @@ class OrpoSettings:
     chunk_tokens: int | None = None
     logprob_method: str = "auto"
     loss: str = "orpo"  # a name registered through the register_losses hook
+    prefix_sharing: bool | None = None  # None: on where the attention backend takes a 4-D mask
+    packing: bool | None = None  # None: with prefix sharing
 
     @classmethod
     def from_cfg(cls, cfg) -> "OrpoSettings":
@@ -40,6 +42,8 @@ class OrpoSettings:
             chunk_tokens=cfg.orpo_chunk_tokens,
             logprob_method=cfg.orpo_logprob_method or "auto",
             loss=cfg.orpo_loss or "orpo",
+            prefix_sharing=cfg.orpo_prefix_sharing,
+            packing=cfg.orpo_packing,
         )
 
 
@@ -54,52 +58,53 @@ class PairBatchStats:
     n_nll_tokens: int
 
 
-def nll_target_mask(batch: dict[str, torch.Tensor], train_on_inputs: bool) -> torch.Tensor:
-    """Which next-token targets (positions 1..T-1) the NLL covers: chosen rows only."""
-    labels, attention = batch["labels"][:, 1:], batch["attention_mask"][:, 1:]
-    mask = attention.bool() if train_on_inputs else labels != IGNORE_INDEX
-    mask = mask.clone()
-    mask[labels.shape[0] // 2:] = False
-    return mask
+def nll_count(batch: dict[str, torch.Tensor], train_on_inputs: bool) -> int:
+    kind = batch["score_kind"]
+    return int((kind == CHOSEN).sum() + ((kind == PROMPT).sum() if train_on_inputs else 0))
+
+
+def pair_count(batch: dict[str, torch.Tensor]) -> int:
+    return int(batch["score_pair"].max()) + 1
+
+
+def _model_inputs(batch: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    inputs = {k: batch[k] for k in ("input_ids", "position_ids") if k in batch}
+    mask = batch["attention_mask"]
+    if mask.dim() == 4:  # prefix-shared: boolean -> additive, in the model's dtype (eager adds it)
+        mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, torch.finfo(dtype).min)
+    inputs["attention_mask"] = mask
+    return inputs
 
 
 def orpo_batch_stats(model, batch: dict[str, torch.Tensor], settings: OrpoSettings) -> PairBatchStats:
-    """Run the model on a PairCollator batch and return the pieces of the ORPO loss."""
-    input_ids, attention = batch["input_ids"], batch["attention_mask"]
-    n_pairs = input_ids.shape[0] // 2
-    out = model(
-        input_ids=input_ids, attention_mask=attention, use_cache=False,
-        output_hidden_states=True, logits_to_keep=_NO_LOGITS.to(input_ids.device),
-    )
-    hidden = out.hidden_states[-1][:, :-1]  # final-norm output predicting tokens 1..T-1
-    del out
-    targets = input_ids[:, 1:]
-    scored = batch["labels"][:, 1:] != IGNORE_INDEX
-    nll_mask = nll_target_mask(batch, settings.train_on_inputs)
-    selected = scored | nll_mask
-
+    """Run the model on a collated batch (either layout) and return the pieces of the loss."""
     base = _unwrap(model)
-    head = base.get_output_embeddings()
+    out = model(**_model_inputs(batch, base.dtype), use_cache=False, output_hidden_states=True,
+                logits_to_keep=_NO_LOGITS.to(batch["input_ids"].device))
+    hidden = out.hidden_states[-1]  # final-norm output
+    del out
+    kind = batch["score_kind"]
+    used = torch.ones_like(kind, dtype=torch.bool) if settings.train_on_inputs else kind != PROMPT
+    row, pos, target, pair, kind = (batch[k][used] for k in SCORE_KEYS)
     scale, softcap = logit_transform(base.config)
-    logp = token_logprobs(
-        hidden[selected], targets[selected], head, chunk_tokens=settings.chunk_tokens,
-        scale=scale, softcap=softcap, method=settings.logprob_method,
-    )
-    # Scatter the selected log-probs back to per-row sums.
-    row_of = torch.arange(input_ids.shape[0], device=input_ids.device).unsqueeze(1).expand_as(selected)[selected]
-    is_scored, is_nll = scored[selected], nll_mask[selected]
-    zeros = logp.new_zeros(input_ids.shape[0])
-    resp_sum = zeros.index_add(0, row_of, logp * is_scored)
-    resp_len = scored.sum(1).clamp(min=1)  # collation guarantees >= 1 (EOS); clamp keeps 0/0 out
-    avg = resp_sum / resp_len
-    chosen_avg, rejected_avg = avg[:n_pairs], avg[n_pairs:]
+    logp = token_logprobs(hidden[row, pos], target, base.get_output_embeddings(), chunk_tokens=settings.chunk_tokens,
+                          scale=scale, softcap=softcap, method=settings.logprob_method)
+    n_pairs = pair_count(batch)
+    avgs = []
+    for side in (CHOSEN, REJECTED):
+        on_side = kind == side
+        total = logp.new_zeros(n_pairs).index_add(0, pair, logp * on_side)
+        length = torch.bincount(pair[on_side], minlength=n_pairs).clamp(min=1)  # >= 1: EOS at least
+        avgs.append(total / length)
+    chosen_avg, rejected_avg = avgs
     z = odds.log_odds_ratio(chosen_avg, rejected_avg)
+    is_nll = kind != REJECTED  # chosen answers, and prompts when they were scored at all
     return PairBatchStats(
         loss_nll_sum=-(logp * is_nll).sum(),
         loss_or_sum=get_losses()[settings.loss].penalty(chosen_avg, rejected_avg).sum(),
         pair_sums=odds.pair_sums(chosen_avg, rejected_avg, z),
         n_pairs=n_pairs,
-        n_nll_tokens=int(nll_mask.sum()),
+        n_nll_tokens=int(is_nll.sum()),
     )
 
 
@@ -119,6 +124,24 @@ def check_final_hidden_state(model, input_ids: torch.Tensor) -> None:
             f"its LM head, so ORPO log-probs cannot be computed without full logits. Supported "
             f"and tested: Llama, Mistral, Qwen2. Use Axolotl's built-in `rl: orpo` for this model."
         )
+
+
+# Attention backends that apply an arbitrary 4-D mask (FlashAttention takes none; FlexAttention
+# wants a BlockMask, not built here yet).
+MASKABLE_ATTENTION = ("sdpa", "eager")
+
+
+def use_prefix_sharing(settings: OrpoSettings, model) -> bool:
+    if settings.prefix_sharing is False:
+        return False
+    backend = getattr(_unwrap(model).config, "_attn_implementation", None)
+    if backend in MASKABLE_ATTENTION:
+        return True
+    if settings.prefix_sharing:  # asked for explicitly: say why it is not used
+        LOG.warning(f"orpo_plugin: prefix sharing needs attention that takes a custom mask "
+                    f"({', '.join(MASKABLE_ATTENTION)}); this model uses {backend!r}, so chosen and "
+                    f"rejected run as separate rows (same loss, more compute)")
+    return False
 
 
 def _unwrap(model):
@@ -147,29 +170,39 @@ class OrpoTrainer(AxolotlTrainer):
             eval_dataset, dropped = tokenize_dataset(eval_dataset, tokenizer, max_length, num_proc)
             if dropped:
                 LOG.warning(f"ORPO: dropped {dropped} eval pairs whose prompt fills sequence_len")
-        pad_multiple = getattr(data_collator, "pad_to_multiple_of", None)
-        data_collator = PairCollator(_pad_id(tokenizer), pad_to_multiple_of=pad_multiple)
+        self._pad_multiple = getattr(data_collator, "pad_to_multiple_of", None)
+        data_collator = PairCollator(_pad_id(tokenizer), pad_to_multiple_of=self._pad_multiple)
         super().__init__(
             model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
             processing_class=tokenizer, data_collator=data_collator, **kwargs,
         )
-        # Axolotl swaps collators between train and eval; both are ours.
-        self.train_data_collator = self.eval_data_collator = data_collator
         alpha = getattr(args, "beta", None)
-        self.orpo = orpo_settings or OrpoSettings(alpha=OrpoSettings.alpha if alpha is None else alpha)
+        self.configure(orpo_settings or OrpoSettings(alpha=OrpoSettings.alpha if alpha is None else alpha))
         # compute_loss normalises by whole-step counts itself: the Trainer must not divide by
         # the accumulation steps again.
         self.model_accepts_loss_kwargs = True
         self._orpo_totals = {"train": None, "eval": None}
         self._head_checked = False
 
+    def configure(self, settings: OrpoSettings) -> None:
+        """Apply settings and choose the batch layout (before training starts)."""
+        self.orpo = settings
+        pad_id = _pad_id(self.processing_class)
+        if use_prefix_sharing(settings, self.model):
+            collator = SharedPairCollator(pad_id, max_length=getattr(self.args, "max_length", None) or 2048,
+                                          packing=settings.packing is not False, pad_to_multiple_of=self._pad_multiple)
+        else:
+            collator = PairCollator(pad_id, pad_to_multiple_of=self._pad_multiple)
+        # Axolotl swaps collators between train and eval; all are ours.
+        self.data_collator = self.train_data_collator = self.eval_data_collator = collator
+
     # -- loss -------------------------------------------------------------------------
     def _get_num_items_in_batch(self, batch_samples, device):
         """[NLL tokens, pairs] over the optimizer step: all micro-batches, all ranks."""
         counts = torch.zeros(2, dtype=torch.float64, device=device)
         for batch in batch_samples:
-            counts[0] += nll_target_mask(batch, self.orpo.train_on_inputs).sum()
-            counts[1] += batch["input_ids"].shape[0] // 2
+            counts[0] += nll_count(batch, self.orpo.train_on_inputs)
+            counts[1] += pair_count(batch)
         if self.args.world_size > 1:
             counts = self.accelerator.reduce(counts, reduction="sum")
         return counts

@@ -11,7 +11,7 @@ from axolotl.utils.dict import DictDefault
 from orpo_plugin import plugins
 from orpo_plugin.datasets import DatasetReport, OrpoDataError, normalize_rows, prepare_split, split_field_maps
 from orpo_plugin.formats import REASONS
-from orpo_plugin.pairs import IGNORE_INDEX, PairCollator
+from orpo_plugin.pairs import CHOSEN, REJECTED, PairCollator
 
 SYSTEM, QUESTION, GOOD, BAD = "Be brief.", "What is 2 + 3?", "2 + 3 = 5", "2 + 3 = 6"
 USER = {"role": "user", "content": QUESTION}
@@ -56,10 +56,10 @@ def test_golden_tokens_for_each_format(name, tmp_path, tokenizer):
     assert row["chosen_input_ids"] == tokenizer(GOOD, add_special_tokens=False)["input_ids"] + [eos]
     assert row["rejected_input_ids"] == tokenizer(BAD, add_special_tokens=False)["input_ids"] + [eos]
     batch = PairCollator(tokenizer.pad_token_id)([row])
-    n_prompt = len(row["prompt_input_ids"])
-    assert batch["labels"][0].tolist() == [IGNORE_INDEX] * n_prompt + row["chosen_input_ids"]
-    assert batch["labels"][1, :n_prompt + len(row["rejected_input_ids"])].tolist() == (
-        [IGNORE_INDEX] * n_prompt + row["rejected_input_ids"])
+    n_prompt, kind = len(row["prompt_input_ids"]), batch["score_kind"]
+    assert batch["score_target"][kind == CHOSEN].tolist() == row["chosen_input_ids"]
+    assert batch["score_pos"][kind == CHOSEN].tolist() == list(range(n_prompt - 1, n_prompt - 1 + len(row["chosen_input_ids"])))
+    assert batch["score_target"][kind == REJECTED].tolist() == row["rejected_input_ids"]
 
 
 def test_multi_turn_history_is_kept_in_the_prompt(tmp_path, tokenizer):

@@ -5,7 +5,9 @@ from __future__ import annotations
 import pytest
 from datasets import Dataset
 
-from orpo_plugin.pairs import IGNORE_INDEX, PairCollator, tokenize_dataset, tokenize_pair
+from orpo_plugin.pairs import (
+    CHOSEN, PROMPT, REJECTED, PairCollator, SharedPairCollator, tokenize_dataset, tokenize_pair,
+)
 
 
 def test_response_ids_are_exactly_the_response_then_one_eos(tokenizer):
@@ -56,18 +58,60 @@ def test_truncation_cuts_responses_and_drops_prompts_that_fill_the_budget(tokeni
     assert all(len(r) > 0 for r in tokenized["rejected_input_ids"])
 
 
+def _scored(batch, kind):
+    """(row, position, target) triples of one kind, in order."""
+    keep = batch["score_kind"] == kind
+    return list(zip(batch["score_row"][keep].tolist(), batch["score_pos"][keep].tolist(),
+                    batch["score_target"][keep].tolist()))
+
+
+FEATURES = [
+    {"prompt_input_ids": [5, 6, 7], "chosen_input_ids": [8, 2], "rejected_input_ids": [9, 9, 9, 2]},
+    {"prompt_input_ids": [5], "chosen_input_ids": [3, 2], "rejected_input_ids": [2]},
+]
+
+
 @pytest.mark.parametrize("multiple", [None, 8])
-def test_collator_layout(multiple):
-    features = [
-        {"prompt_input_ids": [5, 6, 7], "chosen_input_ids": [8, 2], "rejected_input_ids": [9, 9, 9, 2]},
-        {"prompt_input_ids": [5], "chosen_input_ids": [3, 2], "rejected_input_ids": [2]},
-    ]
-    batch = PairCollator(pad_token_id=0, pad_to_multiple_of=multiple)(features)
+def test_unshared_layout(multiple):
+    batch = PairCollator(pad_token_id=0, pad_to_multiple_of=multiple)(FEATURES)
     width = 7 if multiple is None else 8
     assert batch["input_ids"].shape == (4, width)
     assert batch["input_ids"][0, :5].tolist() == [5, 6, 7, 8, 2]      # chosen rows first
     assert batch["input_ids"][2, :7].tolist() == [5, 6, 7, 9, 9, 9, 2]  # then rejected
-    assert batch["labels"][0, :5].tolist() == [IGNORE_INDEX] * 3 + [8, 2]
-    assert batch["labels"][3].tolist()[:2] == [IGNORE_INDEX, 2]
     assert batch["attention_mask"].sum(1).tolist() == [5, 3, 7, 2]
-    assert (batch["labels"][batch["attention_mask"] == 0] == IGNORE_INDEX).all()
+    assert _scored(batch, CHOSEN) == [(0, 2, 8), (0, 3, 2), (1, 0, 3), (1, 1, 2)]
+    assert _scored(batch, REJECTED) == [(2, 2, 9), (2, 3, 9), (2, 4, 9), (2, 5, 2), (3, 0, 2)]
+    assert _scored(batch, PROMPT) == [(0, 0, 6), (0, 1, 7)]  # used only with train_on_inputs
+    assert batch["score_pair"].tolist() == [0, 0, 0, 0, 1, 1, 0, 0, 0, 0, 1]
+
+
+@pytest.mark.parametrize("packing", [True, False])
+def test_prefix_shared_layout(packing):
+    batch = SharedPairCollator(pad_token_id=0, max_length=16, packing=packing)(FEATURES)
+    first = [5, 6, 7, 8, 2, 9, 9, 9, 2]
+    if packing:  # both pairs in one row: 9 + 4 tokens
+        assert batch["input_ids"].tolist() == [first + [5, 3, 2, 2]]
+        assert batch["position_ids"].tolist() == [[0, 1, 2, 3, 4, 3, 4, 5, 6] + [0, 1, 2, 1]]
+    else:
+        assert batch["input_ids"].tolist() == [first, [5, 3, 2, 2, 0, 0, 0, 0, 0]]
+        assert batch["position_ids"][0].tolist() == [0, 1, 2, 3, 4, 3, 4, 5, 6]
+    # chosen targets read from the last prompt token, then from chosen tokens
+    assert _scored(batch, CHOSEN)[:2] == [(0, 2, 8), (0, 3, 2)]
+    # rejected targets: first from the last prompt token too, then from rejected tokens
+    assert _scored(batch, REJECTED)[:4] == [(0, 2, 9), (0, 5, 9), (0, 6, 9), (0, 7, 2)]
+    mask = batch["attention_mask"][0, 0]
+    assert mask[5, :3].all() and not mask[5, 3:5].any() and mask[5, 5]  # rejected sees prompt, not chosen
+    assert mask[4, :5].all() and not mask[4, 5:].any()                  # chosen is plainly causal
+    if packing:
+        assert not mask[9:, :9].any() and mask[12, 9] and not mask[12, 10]  # no attention across pairs
+    else:
+        padded = batch["attention_mask"][1, 0]
+        assert not padded[4:, :4].any() and padded[4, 4]  # padding sees only padding, never a NaN row
+
+
+def test_packing_respects_max_length():
+    batch = SharedPairCollator(pad_token_id=0, max_length=10, packing=True)(FEATURES * 2)
+    # sizes 9, 4, 9, 4 into rows of 10, first fit: [9], [4, 4], [9]
+    assert batch["input_ids"].shape == (3, 9)
+    assert batch["attention_mask"].shape == (3, 1, 9, 9)
+    assert sorted(set(batch["score_row"][batch["score_pair"] == p].tolist()).pop() for p in range(4)) == [0, 1, 1, 2]

@@ -169,3 +169,65 @@ def test_architectures_whose_last_hidden_state_is_not_the_head_input_are_refused
 
     with pytest.raises(RuntimeError, match="Qwen2ForCausalLM|PreNormOutput|LM head"):
         check_final_hidden_state(PreNormOutput(real), ids)
+
+
+# (architecture, LoRA, packing, gradient checkpointing, train_on_inputs)
+SHARING_CASES = [
+    ("llama", True, True, False, False),
+    ("mistral", False, False, False, True),
+    ("qwen2", True, True, True, True),
+    ("llama-tied", False, True, True, False),
+]
+
+
+@pytest.mark.parametrize("arch,lora,packing,checkpointing,on_inputs", SHARING_CASES,
+                         ids=["-".join(map(str, c)) for c in SHARING_CASES])
+def test_prefix_sharing_equals_the_unshared_computation(arch, lora, packing, checkpointing, on_inputs,
+                                                         model_dirs, tokenizer, tmp_path, fresh_plugins):
+    from axolotl.integrations.base import PluginManager
+
+    from orpo_plugin.pairs import PairCollator, SharedPairCollator
+
+    results = []
+    for sharing in (False, True):
+        PluginManager._instance = None
+        cfg = make_cfg(model_dirs[arch], tmp_path / str(sharing), orpo_prefix_sharing=sharing, orpo_packing=packing,
+                       micro_batch_size=8, train_on_inputs=on_inputs, sequence_len=64)
+        model = _sharpen(load_model(model_dirs[arch], lora=lora))
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        trainer = build_trainer(cfg, model, tokenizer, pair_dataset(tokenizer))
+        assert type(trainer.data_collator) is (SharedPairCollator if sharing else PairCollator)
+        batch = trainer.data_collator([trainer.train_dataset[i] for i in range(8)])
+        rows = batch["input_ids"].shape[0]
+        if not sharing:
+            assert rows == 16  # chosen and rejected rows
+        elif not packing:
+            assert rows == 8   # one row per pair
+        else:
+            assert rows < 8    # several pairs per row
+        results.append(loss_metrics_grads(trainer, model))
+    (l0, m0, g0), (l1, m1, g1) = results
+    assert l1 == pytest.approx(l0, rel=1e-5)
+    for key in METRICS:
+        assert m1[key] == pytest.approx(m0[key], rel=1e-5, abs=1e-7), key
+    assert g0.keys() == g1.keys() and g0
+    for name in g0:
+        _assert_rel(g1[name], g0[name], 1e-5)
+
+
+def test_backends_without_custom_masks_fall_back_to_unshared_with_a_warning(model_dirs, tokenizer, tmp_path,
+                                                                           fresh_plugins, caplog):
+    from orpo_plugin.pairs import PairCollator
+    from orpo_plugin.trainer import use_prefix_sharing
+
+    model = load_model(model_dirs["llama"], lora=False)
+    model.config._attn_implementation = "flash_attention_2"  # what `flash_attention: true` selects
+    assert not use_prefix_sharing(OrpoSettings(prefix_sharing=None), model)  # auto: quietly unshared
+    caplog.set_level("WARNING")
+    assert not use_prefix_sharing(OrpoSettings(prefix_sharing=True), model)
+    assert "flash_attention_2" in caplog.text and "separate rows" in caplog.text
+    model.config._attn_implementation = "sdpa"
+    assert use_prefix_sharing(OrpoSettings(), model) and not use_prefix_sharing(OrpoSettings(prefix_sharing=False), model)
+    cfg = make_cfg(model_dirs["llama"], tmp_path, orpo_prefix_sharing=False)
+    assert type(build_trainer(cfg, model, tokenizer, pair_dataset(tokenizer)).data_collator) is PairCollator
