@@ -71,7 +71,7 @@ class OrpoArgs(BaseModel):
     orpo_chunk_tokens: int | None = Field(
         default=None,
         gt=0,
-        json_schema_extra={"description": "Tokens per LM-head chunk; default ~128 MiB of fp32 logits."},
+        json_schema_extra={"description": "Tokens per LM-head chunk; default ~64 MiB of fp32 logits."},
     )
 
     @model_validator(mode="before")

@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-# About 128 MiB of fp32 logits per chunk: small next to activations, large enough for GEMMs.
-_CHUNK_ELEMENTS = 1 << 25
+# About 64 MiB of fp32 logits per chunk: small next to activations, large enough for GEMMs.
+_CHUNK_ELEMENTS = 1 << 24
 _HAS_FUSED = hasattr(F, "linear_cross_entropy") and hasattr(nn, "LinearCrossEntropyOptions")
 
 
