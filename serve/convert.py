@@ -1,0 +1,196 @@
+"""HF checkpoint (safetensors + tokenizer.json) -> GGUF, built on the `gguf` package.
+
+Tensors stream from safetensors one at a time into the writer; the file is written under a
+temporary name and renamed at the end, so a killed run leaves nothing under the final name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import gguf
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Architecture:
+    gguf_arch: gguf.MODEL_ARCH
+    permute_qk: bool  # HF stores Q/K for half-rotation RoPE; llama.cpp's "llama" rotates pairs
+
+
+ARCHITECTURES = {
+    "LlamaForCausalLM": Architecture(gguf.MODEL_ARCH.LLAMA, permute_qk=True),
+    "MistralForCausalLM": Architecture(gguf.MODEL_ARCH.LLAMA, permute_qk=True),
+    "Qwen2ForCausalLM": Architecture(gguf.MODEL_ARCH.QWEN2, permute_qk=False),
+}
+
+# Output types written directly (K-quants come from llama.cpp's quantizer on top of these).
+OUT_TYPES = {
+    "f32": (gguf.GGMLQuantizationType.F32, gguf.LlamaFileType.ALL_F32),
+    "f16": (gguf.GGMLQuantizationType.F16, gguf.LlamaFileType.MOSTLY_F16),
+    "bf16": (gguf.GGMLQuantizationType.BF16, gguf.LlamaFileType.MOSTLY_BF16),
+    "q8_0": (gguf.GGMLQuantizationType.Q8_0, gguf.LlamaFileType.MOSTLY_Q8_0),
+}
+
+# llama.cpp's pre-tokenizer names, identified from the HF pre-tokenizer's split pattern rather
+# than from a hash of a sample encoding (which fails for any tokenizer not in llama.cpp's table).
+GPT2_PATTERN = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
+PRE_TOKENIZERS = {
+    GPT2_PATTERN: "gpt-2",
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+": "llama-bpe",
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+": "qwen2",
+}
+
+
+class ConversionError(ValueError):
+    """A model or tokenizer this converter cannot write; the message says what and why."""
+
+
+def _split_patterns(pre: dict | None) -> list[str]:
+    if not pre:
+        return []
+    if pre.get("type") == "Sequence":
+        return [p for sub in pre["pretokenizers"] for p in _split_patterns(sub)]
+    if pre.get("type") == "Split":
+        return [pre["pattern"].get("Regex") or pre["pattern"].get("String")]
+    if pre.get("type") == "ByteLevel" and pre.get("use_regex", True):
+        return [GPT2_PATTERN]
+    return []
+
+
+def pre_tokenizer_name(tokenizer_json: dict) -> str:
+    patterns = _split_patterns(tokenizer_json.get("pre_tokenizer"))
+    for pattern in patterns:
+        if pattern in PRE_TOKENIZERS:
+            return PRE_TOKENIZERS[pattern]
+    raise ConversionError(f"unknown BPE pre-tokenizer (split patterns: {patterns or 'none'}); known: "
+                          f"{', '.join(sorted(set(PRE_TOKENIZERS.values())))}")
+
+
+def permute_for_llama(weight: np.ndarray, n_heads: int) -> np.ndarray:
+    """HF half-rotation layout -> llama.cpp interleaved pairs, per head."""
+    rows = weight.shape[0]
+    return (weight.reshape(n_heads, 2, rows // n_heads // 2, *weight.shape[1:])
+            .swapaxes(1, 2).reshape(weight.shape))
+
+
+def _tensor_type(name: str, data: np.ndarray, wanted: gguf.GGMLQuantizationType) -> gguf.GGMLQuantizationType:
+    if data.ndim == 1 or name.endswith("_norm.weight"):
+        return gguf.GGMLQuantizationType.F32  # norms and biases stay exact
+    if wanted == gguf.GGMLQuantizationType.Q8_0 and data.shape[-1] % 32:
+        return gguf.GGMLQuantizationType.F16  # rows must be whole blocks; llama.cpp falls back likewise
+    return wanted
+
+
+def _write_tokenizer(writer: gguf.GGUFWriter, model_dir: Path, vocab_size: int) -> None:
+    from transformers import AutoTokenizer
+
+    from orpo_plugin.pairs import special_prefix
+
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    # The tokenizer HF actually runs: transformers 5 may replace tokenizer.json's pre-tokenizer
+    # with the model family's own (Qwen2 does), and llama.cpp must reproduce what HF does.
+    spec = json.loads(tokenizer.backend_tokenizer.to_str())
+    if spec["model"]["type"] != "BPE":
+        raise ConversionError(f"{model_dir}: tokenizer model {spec['model']['type']!r} is not supported yet "
+                              f"(byte-level BPE is)")
+    by_id = {i: t for t, i in tokenizer.get_vocab().items()}
+    added = {t.content: t for t in tokenizer.added_tokens_decoder.values()}
+    tokens, types = [], []
+    for i in range(vocab_size):
+        token = by_id.get(i)
+        if token is None:
+            tokens.append(f"[PAD{i}]")
+            types.append(gguf.TokenType.UNUSED)
+        elif token in added:
+            tokens.append(token)
+            types.append(gguf.TokenType.CONTROL if added[token].special else gguf.TokenType.USER_DEFINED)
+        else:
+            tokens.append(token)
+            types.append(gguf.TokenType.NORMAL)
+    merges = [m if isinstance(m, str) else " ".join(m) for m in spec["model"].get("merges", [])]
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(pre_tokenizer_name(spec))
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    writer.add_token_merges(merges)
+    for setter, token_id in ((writer.add_bos_token_id, tokenizer.bos_token_id),
+                             (writer.add_eos_token_id, tokenizer.eos_token_id),
+                             (writer.add_pad_token_id, tokenizer.pad_token_id)):
+        if token_id is not None:
+            setter(token_id)
+    writer.add_add_bos_token(bool(special_prefix(tokenizer)))  # as HF encodes, not as its flags say
+    if tokenizer.chat_template:
+        writer.add_chat_template(tokenizer.chat_template)
+
+
+def convert(model_dir: str | Path, out_path: str | Path, out_type: str = "f16", *, permute_qk: bool | None = None) -> Path:
+    """Write model_dir as a GGUF of out_type (f32, f16, bf16, q8_0). permute_qk overrides the
+    architecture's table entry (tests use it to show that skipping the permute is caught)."""
+    from safetensors import safe_open
+
+    model_dir, out_path = Path(model_dir), Path(out_path)
+    config = json.loads((model_dir / "config.json").read_text())
+    arch_name = (config.get("architectures") or ["?"])[0]
+    if arch_name not in ARCHITECTURES:
+        raise ConversionError(f"{model_dir}: architecture {arch_name} is not supported; supported: "
+                              f"{', '.join(ARCHITECTURES)}")
+    if out_type not in OUT_TYPES:
+        raise ConversionError(f"unknown output type {out_type!r}; choose from {', '.join(OUT_TYPES)}")
+    arch = ARCHITECTURES[arch_name]
+    tensor_type, file_type = OUT_TYPES[out_type]
+    n_layers, n_heads = config["num_hidden_layers"], config["num_attention_heads"]
+    n_kv = config.get("num_key_value_heads") or n_heads
+    hidden = config["hidden_size"]
+    head_dim = config.get("head_dim") or hidden // n_heads
+    rope = config.get("rope_parameters") or {}
+    rope_theta = rope.get("rope_theta") or config.get("rope_theta") or 10000.0
+
+    tmp = out_path.with_name(out_path.name + ".partial")
+    writer = gguf.GGUFWriter(str(tmp), gguf.MODEL_ARCH_NAMES[arch.gguf_arch])
+    writer.add_context_length(config.get("max_position_embeddings", 2048))
+    writer.add_embedding_length(hidden)
+    writer.add_block_count(n_layers)
+    writer.add_feed_forward_length(config["intermediate_size"])
+    writer.add_head_count(n_heads)
+    writer.add_head_count_kv(n_kv)
+    writer.add_rope_freq_base(float(rope_theta))
+    writer.add_layer_norm_rms_eps(float(config.get("rms_norm_eps", 1e-6)))
+    writer.add_rope_dimension_count(head_dim)
+    writer.add_vocab_size(config["vocab_size"])
+    writer.add_file_type(file_type)
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    _write_tokenizer(writer, model_dir, config["vocab_size"])
+
+    names = gguf.get_tensor_name_map(arch.gguf_arch, n_layers)
+    permute = arch.permute_qk if permute_qk is None else permute_qk
+    for shard in sorted(model_dir.glob("*.safetensors")):
+        with safe_open(str(shard), framework="pt") as f:
+            for hf_name in f.keys():
+                name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+                if name is None:
+                    raise ConversionError(f"{shard.name}: no GGUF name for tensor {hf_name}")
+                data = f.get_tensor(hf_name).float().numpy()
+                if permute and hf_name.endswith(("q_proj.weight", "q_proj.bias")):
+                    data = permute_for_llama(data, n_heads)
+                elif permute and hf_name.endswith(("k_proj.weight", "k_proj.bias")):
+                    data = permute_for_llama(data, n_kv)
+                kind = _tensor_type(name, data, tensor_type)
+                if kind == gguf.GGMLQuantizationType.Q8_0:
+                    writer.add_tensor(name, gguf.quants.quantize(data, kind), raw_dtype=kind)
+                elif kind == gguf.GGMLQuantizationType.BF16:
+                    writer.add_tensor(name, gguf.quants.quantize(data, kind), raw_dtype=kind)
+                else:
+                    writer.add_tensor(name, data.astype(np.float16 if kind == gguf.GGMLQuantizationType.F16 else np.float32))
+    try:
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        os.replace(tmp, out_path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return out_path

@@ -1,0 +1,117 @@
+"""HF -> GGUF: llama.cpp's tokens equal HF's, its logits match HF's, the metadata is right, and a
+wrong conversion (no Q/K permute) is caught by the same check."""
+
+from __future__ import annotations
+
+import gguf
+import llama_cpp
+import numpy as np
+import pytest
+import torch
+
+from orpo_plugin import tiny
+from serve.convert import ConversionError, convert, pre_tokenizer_name
+
+TEXTS = [
+    "<|im_start|>user\nWhat is 12 + 30?<|im_end|>\n<|im_start|>assistant\n12 + 30 = 42<|im_end|>\n",
+    "Plain text, with punctuation!  Two spaces, digits 1234567 and ünïcödé — ok?",
+]
+# Bars from the issue: f32/f16 within 0.5% of HF's logit scale (llama.cpp keeps its KV cache in
+# f16, so exact equality is not the bar); q8_0 within 5%.
+TOLERANCE = {"f32": 0.005, "f16": 0.005, "q8_0": 0.05}
+
+
+@pytest.fixture(scope="module")
+def sharp_models(tmp_path_factory):
+    """Fixture models with a larger init: sharper attention makes RoPE layout errors visible."""
+    root = tmp_path_factory.mktemp("convert")
+    tokenizer = tiny.build_tokenizer(None)
+    dirs = {}
+    for arch in ("llama", "llama-tied", "mistral", "qwen2"):
+        dirs[arch] = root / arch
+        tiny.build_model(arch, dirs[arch], tokenizer=tokenizer, initializer_range=0.1)
+    return dirs
+
+
+def _llama(path):
+    return llama_cpp.Llama(model_path=str(path), logits_all=True, n_ctx=256, n_threads=2, verbose=False)
+
+
+def logit_error(model_dir, gguf_path) -> float:
+    """Max |llama.cpp - HF| next-token logits over TEXTS, relative to HF's logit scale."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    hf = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+    llm = _llama(gguf_path)
+    worst = 0.0
+    try:
+        for text in TEXTS:
+            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+            assert llm.tokenize(text.encode(), add_bos=False, special=True) == ids, text
+            llm.reset()
+            llm.eval(ids)
+            ours = np.asarray(llm.scores[: len(ids)])
+            with torch.no_grad():
+                ref = hf(torch.tensor([ids])).logits[0].numpy()
+            worst = max(worst, float(np.abs(ours - ref).max() / np.abs(ref).max()))
+    finally:
+        llm.close()
+    return worst
+
+
+@pytest.mark.parametrize("arch", ["llama", "llama-tied", "mistral", "qwen2"])
+@pytest.mark.parametrize("out_type", ["f32", "f16", "q8_0"])
+def test_llama_cpp_matches_hf(arch, out_type, model_dirs, tmp_path):
+    path = convert(model_dirs[arch], tmp_path / f"model-{out_type}.gguf", out_type)
+    assert logit_error(model_dirs[arch], path) <= TOLERANCE[out_type]
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_sharp_models_match_and_a_missing_qk_permute_is_caught(arch, sharp_models, tmp_path):
+    good = convert(sharp_models[arch], tmp_path / "good.gguf", "f32")
+    assert logit_error(sharp_models[arch], good) <= TOLERANCE["f32"]
+    if arch == "llama":  # qwen2 uses NeoX RoPE in llama.cpp: no permute to skip
+        wrong = convert(sharp_models[arch], tmp_path / "wrong.gguf", "f32", permute_qk=False)
+        assert logit_error(sharp_models[arch], wrong) > 10 * TOLERANCE["f32"]
+
+
+def test_metadata_and_tensor_types(sharp_models, tmp_path):
+    path = convert(sharp_models["llama-tied"], tmp_path / "model-q8_0.gguf", "q8_0")
+    reader = gguf.GGUFReader(str(path))
+    fields = reader.fields
+
+    def text(key):
+        field = fields[key]
+        return bytes(field.parts[field.data[0]]).decode()
+
+    assert text("general.architecture") == "llama"
+    assert text("tokenizer.ggml.model") == "gpt2" and text("tokenizer.ggml.pre") == "gpt-2"
+    assert "<|im_start|>" in text("tokenizer.chat_template")
+    assert bool(fields["tokenizer.ggml.add_bos_token"].parts[-1][0]) is False  # as HF encodes
+    types = {t.name: t.tensor_type for t in reader.tensors}
+    assert "output.weight" not in types  # tied: llama.cpp reuses token_embd
+    assert types["blk.0.attn_q.weight"] == gguf.GGMLQuantizationType.Q8_0
+    assert types["blk.0.attn_norm.weight"] == gguf.GGMLQuantizationType.F32
+
+
+def test_bos_tokenizer_sets_add_bos(tmp_path):
+    tokenizer = tiny.build_tokenizer(None, bos_token="<|endoftext|>")
+    tiny.build_model("llama", tmp_path / "m", tokenizer=tokenizer)
+    reader = gguf.GGUFReader(str(convert(tmp_path / "m", tmp_path / "m.gguf", "f32")))
+    assert bool(reader.fields["tokenizer.ggml.add_bos_token"].parts[-1][0]) is True
+
+
+def test_bad_inputs_and_no_half_written_file(sharp_models, tmp_path, monkeypatch):
+    with pytest.raises(ConversionError, match="choose from f32, f16, bf16, q8_0"):
+        convert(sharp_models["llama"], tmp_path / "x.gguf", "q3_xs")
+    with pytest.raises(ConversionError, match="unknown BPE pre-tokenizer"):
+        pre_tokenizer_name({"pre_tokenizer": {"type": "Split", "pattern": {"Regex": "[a-z]+"}}})
+
+    def crash(self):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(gguf.GGUFWriter, "write_tensors_to_file", crash)
+    with pytest.raises(OSError, match="disk full"):
+        convert(sharp_models["llama"], tmp_path / "y.gguf", "f32")
+    assert list(tmp_path.iterdir()) == []  # neither y.gguf nor y.gguf.partial
