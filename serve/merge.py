@@ -1,0 +1,42 @@
+"""Merge a LoRA adapter into its base model, in full precision (never into a 4/8-bit base)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+
+class MergeError(ValueError):
+    pass
+
+
+def merge_adapter(base: str | Path, adapter: str | Path, out_dir: str | Path, dtype: str = "float32") -> Path:
+    """Load base unquantized, apply the adapter, merge, save to out_dir with the tokenizer the
+    adapter was trained with (Axolotl saves it beside the adapter). Atomic: a temporary
+    directory is renamed at the end."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    adapter, out_dir = Path(adapter), Path(out_dir)
+    config_path = adapter / "adapter_config.json"
+    if not config_path.is_file():
+        raise MergeError(f"{adapter}: no adapter_config.json; pass the directory `axolotl train` wrote "
+                         f"(its output_dir), or omit the adapter for a full fine-tune")
+    model = AutoModelForCausalLM.from_pretrained(str(base), dtype=getattr(torch, dtype))
+    try:
+        model = PeftModel.from_pretrained(model, str(adapter))
+    except (RuntimeError, ValueError, KeyError) as err:
+        declared = json.loads(config_path.read_text()).get("base_model_name_or_path")
+        raise MergeError(f"{adapter} does not fit base model {base} (the adapter names {declared!r}): "
+                         f"{str(err).splitlines()[0]}") from None
+    merged = model.merge_and_unload()
+    tokenizer_dir = adapter if (adapter / "tokenizer_config.json").is_file() else Path(base)
+    tmp = out_dir.with_name(out_dir.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    merged.save_pretrained(str(tmp))
+    AutoTokenizer.from_pretrained(str(tokenizer_dir)).save_pretrained(str(tmp))
+    shutil.rmtree(out_dir, ignore_errors=True)
+    tmp.rename(out_dir)
+    return out_dir

@@ -1,0 +1,43 @@
+"""K-quants (and the other llama.cpp file types) through llama.cpp's own quantizer, via the
+ctypes API of llama-cpp-python: one intermediate GGUF in, one quantized GGUF out."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+from pathlib import Path
+
+import llama_cpp
+
+# Names users pass (--quant) -> llama.cpp file types. The i-quants (iq*) need an importance
+# matrix and are not offered. f16/bf16/q8_0 are also written directly by serve.convert.
+QUANT_TYPES = {
+    name: getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{name.upper()}")
+    for name in ("f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q2_k", "q3_k_s", "q3_k_m",
+                 "q3_k_l", "q4_k_s", "q4_k_m", "q5_k_s", "q5_k_m", "q6_k")
+}
+
+
+class QuantizeError(ValueError):
+    pass
+
+
+def quantize(src: str | Path, dst: str | Path, quant: str, threads: int | None = None) -> Path:
+    """Quantize src (a GGUF of f32/f16/bf16 weights) to dst as `quant` (e.g. q4_k_m, q6_k).
+    Written under a temporary name and renamed: no truncated file under the final name."""
+    quant = quant.lower()
+    if quant not in QUANT_TYPES:
+        raise QuantizeError(f"unknown quantization {quant!r}; choose from {', '.join(sorted(QUANT_TYPES))}")
+    src, dst = Path(src), Path(dst)
+    tmp = dst.with_name(dst.name + ".partial")
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = QUANT_TYPES[quant]
+    params.nthread = threads or os.cpu_count() or 1
+    try:
+        status = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), ctypes.byref(params))
+        if status != 0:
+            raise QuantizeError(f"llama.cpp could not quantize {src} to {quant} (status {status})")
+        os.replace(tmp, dst)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return dst
