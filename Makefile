@@ -44,6 +44,7 @@ bench: setup
 	$(BIN)/python benchmarks/bench_train_step.py --json build/bench_train_step.json
 	$(BIN)/python benchmarks/bench_data.py
 	$(BIN)/python benchmarks/bench_prefix_sharing.py
+	$(BIN)/python benchmarks/bench_export.py
 
 clean:
 	rm -rf build outputs last_run_prepared .pytest_cache

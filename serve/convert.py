@@ -13,6 +13,7 @@ from pathlib import Path
 
 import gguf
 import numpy as np
+from tqdm import tqdm
 
 
 @dataclass(frozen=True)
@@ -77,12 +78,54 @@ def permute_for_llama(weight: np.ndarray, n_heads: int) -> np.ndarray:
             .swapaxes(1, 2).reshape(weight.shape))
 
 
-def _tensor_type(name: str, data: np.ndarray, wanted: gguf.GGMLQuantizationType) -> gguf.GGMLQuantizationType:
-    if data.ndim == 1 or name.endswith("_norm.weight"):
+def _tensor_type(name: str, shape: tuple[int, ...], wanted: gguf.GGMLQuantizationType) -> gguf.GGMLQuantizationType:
+    if len(shape) == 1 or name.endswith("_norm.weight"):
         return gguf.GGMLQuantizationType.F32  # norms and biases stay exact
-    if wanted == gguf.GGMLQuantizationType.Q8_0 and data.shape[-1] % 32:
+    if wanted == gguf.GGMLQuantizationType.Q8_0 and shape[-1] % 32:
         return gguf.GGMLQuantizationType.F16  # rows must be whole blocks; llama.cpp falls back likewise
     return wanted
+
+
+_NUMPY = {gguf.GGMLQuantizationType.F32: np.float32, gguf.GGMLQuantizationType.F16: np.float16}
+
+
+@dataclass(frozen=True)
+class _Planned:
+    shard: Path
+    hf_name: str
+    name: str
+    kind: gguf.GGMLQuantizationType
+    heads: int | None  # permute Q/K rows with this many heads, or not at all
+
+
+_SAFETENSORS_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "F64": np.float64}
+
+
+def _safetensors_header(path: Path) -> tuple[dict, int]:
+    with path.open("rb") as f:
+        size = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(size))
+    header.pop("__metadata__", None)
+    return header, 8 + size
+
+
+def _read_tensor(path: Path, info: dict, data_start: int) -> np.ndarray:
+    """One tensor as float32 with plain reads: no mmap, so pages read earlier are not held in
+    this process's memory while the rest of the file streams through."""
+    if info["dtype"] not in _SAFETENSORS_DTYPES:
+        raise ConversionError(f"{path.name}: tensor dtype {info['dtype']} is not supported")
+    begin, end = info["data_offsets"]
+    raw = np.fromfile(path, dtype=_SAFETENSORS_DTYPES[info["dtype"]], count=(end - begin) // np.dtype(
+        _SAFETENSORS_DTYPES[info["dtype"]]).itemsize, offset=data_start + begin).reshape(info["shape"])
+    if info["dtype"] == "BF16":
+        return (raw.astype(np.uint32) << 16).view(np.float32)
+    return raw if raw.dtype == np.float32 else raw.astype(np.float32)
+
+
+def _encode(data: np.ndarray, kind: gguf.GGMLQuantizationType) -> np.ndarray:
+    if kind in _NUMPY:
+        return data.astype(_NUMPY[kind])
+    return gguf.quants.quantize(data, kind)  # bytes, uint8
 
 
 def _write_tokenizer(writer: gguf.GGUFWriter, model_dir: Path, vocab_size: int) -> None:
@@ -127,11 +170,10 @@ def _write_tokenizer(writer: gguf.GGUFWriter, model_dir: Path, vocab_size: int) 
         writer.add_chat_template(tokenizer.chat_template)
 
 
-def convert(model_dir: str | Path, out_path: str | Path, out_type: str = "f16", *, permute_qk: bool | None = None) -> Path:
+def convert(model_dir: str | Path, out_path: str | Path, out_type: str = "f16", *, permute_qk: bool | None = None,
+            progress: bool = False) -> Path:
     """Write model_dir as a GGUF of out_type (f32, f16, bf16, q8_0). permute_qk overrides the
     architecture's table entry (tests use it to show that skipping the permute is caught)."""
-    from safetensors import safe_open
-
     model_dir, out_path = Path(model_dir), Path(out_path)
     config = json.loads((model_dir / "config.json").read_text())
     arch_name = (config.get("architectures") or ["?"])[0]
@@ -165,30 +207,42 @@ def convert(model_dir: str | Path, out_path: str | Path, out_type: str = "f16", 
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     _write_tokenizer(writer, model_dir, config["vocab_size"])
 
+    # Pass 1: names, types and sizes from the shapes alone; pass 2 converts and writes one
+    # tensor at a time, so no more than one tensor is ever held in memory.
     names = gguf.get_tensor_name_map(arch.gguf_arch, n_layers)
     permute = arch.permute_qk if permute_qk is None else permute_qk
+    plan, headers = [], {}
     for shard in sorted(model_dir.glob("*.safetensors")):
-        with safe_open(str(shard), framework="pt") as f:
-            for hf_name in f.keys():
-                name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
-                if name is None:
-                    raise ConversionError(f"{shard.name}: no GGUF name for tensor {hf_name}")
-                data = f.get_tensor(hf_name).float().numpy()
-                if permute and hf_name.endswith(("q_proj.weight", "q_proj.bias")):
-                    data = permute_for_llama(data, n_heads)
-                elif permute and hf_name.endswith(("k_proj.weight", "k_proj.bias")):
-                    data = permute_for_llama(data, n_kv)
-                kind = _tensor_type(name, data, tensor_type)
-                if kind == gguf.GGMLQuantizationType.Q8_0:
-                    writer.add_tensor(name, gguf.quants.quantize(data, kind), raw_dtype=kind)
-                elif kind == gguf.GGMLQuantizationType.BF16:
-                    writer.add_tensor(name, gguf.quants.quantize(data, kind), raw_dtype=kind)
-                else:
-                    writer.add_tensor(name, data.astype(np.float16 if kind == gguf.GGMLQuantizationType.F16 else np.float32))
+        headers[shard] = _safetensors_header(shard)
+        for hf_name, info in headers[shard][0].items():
+            name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+            if name is None:
+                raise ConversionError(f"{shard.name}: no GGUF name for tensor {hf_name}")
+            shape = tuple(info["shape"])
+            kind = _tensor_type(name, shape, tensor_type)
+            heads = None
+            if permute and hf_name.endswith(("q_proj.weight", "q_proj.bias")):
+                heads = n_heads
+            elif permute and hf_name.endswith(("k_proj.weight", "k_proj.bias")):
+                heads = n_kv
+            plan.append(_Planned(shard, hf_name, name, kind, heads))
+            if kind in _NUMPY:
+                writer.add_tensor_info(name, shape, np.dtype(_NUMPY[kind]),
+                                       int(np.prod(shape)) * np.dtype(_NUMPY[kind]).itemsize)
+            else:
+                byte_shape = gguf.quant_shape_to_byte_shape(shape, kind)
+                writer.add_tensor_info(name, byte_shape, np.dtype(np.uint8), int(np.prod(byte_shape)), raw_dtype=kind)
     try:
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
+        writer.write_ti_data_to_file()
+        for item in tqdm(plan, desc=f"convert {out_type}", unit="tensor", disable=not progress):
+            header, data_start = headers[item.shard]
+            data = _read_tensor(item.shard, header[item.hf_name], data_start)
+            if item.heads:
+                data = permute_for_llama(data, item.heads)
+            writer.write_tensor_data(_encode(data, item.kind))
+            del data
         writer.close()
         os.replace(tmp, out_path)
     finally:

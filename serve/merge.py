@@ -31,7 +31,7 @@ def merge_adapter(base: str | Path, adapter: str | Path, out_dir: str | Path, dt
         declared = json.loads(config_path.read_text()).get("base_model_name_or_path")
         raise MergeError(f"{adapter} does not fit base model {base} (the adapter names {declared!r}): "
                          f"{str(err).splitlines()[0]}") from None
-    merged = model.merge_and_unload()
+    merged = model.merge_and_unload(progressbar=True)
     tokenizer_dir = adapter if (adapter / "tokenizer_config.json").is_file() else Path(base)
     tmp = out_dir.with_name(out_dir.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)

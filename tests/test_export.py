@@ -1,0 +1,109 @@
+"""merge-and-quantize through both CLIs: outputs, parity report, Modelfile, faults."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import gguf
+import llama_cpp
+import pytest
+from test_cli import BIN, _env, _train, _tiny_config
+from test_merge_quantize import _random_adapter
+
+from orpo_plugin import tiny
+
+
+def _orpo(*args, timeout=600):
+    return subprocess.run([str(BIN / "orpo"), *map(str, args)], env=_env(), capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_axolotl_merge_and_quantize_after_training_gives_a_gguf_that_chats(tmp_path, tiny_default):
+    config = _tiny_config(tmp_path, tiny_default, max_steps=4, test_datasets=None, eval_steps=None)
+    _train(config, "--launcher", "python")
+    proc = subprocess.run([str(BIN / "axolotl"), "merge-and-quantize", str(config), "--quant", "f16",
+                           "--quant", "q8_0"], cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = tmp_path / "out" / "gguf"
+    report = json.loads((out / "export_report.json").read_text())
+    assert set(report["files"]) == {"f16", "q8_0"} and report["adapter"].endswith("out")
+    for quant in ("f16", "q8_0"):
+        assert report["models"][quant]["tokens_identical"]
+    assert report["models"]["f16"]["mean_kl"] < 1e-5 and report["models"]["q8_0"]["mean_kl"] < 1e-3
+    assert "| model-q8_0.gguf |" in proc.stdout
+    assert (out / "Modelfile").read_text().startswith("FROM ./model-q8_0.gguf")
+    llm = llama_cpp.Llama(model_path=str(out / "model-q8_0.gguf"), n_ctx=128, n_threads=2, verbose=False)
+    try:
+        reply = llm.create_chat_completion(messages=[{"role": "user", "content": "What is 2 + 3?"}], max_tokens=8)
+        assert reply["choices"][0]["message"]["role"] == "assistant"
+        assert reply["choices"][0]["finish_reason"] in ("stop", "length")
+    finally:
+        llm.close()
+
+
+@pytest.fixture()
+def adapter(model_dirs, tmp_path):
+    return _random_adapter(model_dirs["qwen2"], tmp_path / "adapter")
+
+
+def test_orpo_merge_and_quantize_and_its_refusals(model_dirs, adapter, tmp_path):
+    out = tmp_path / "export"
+    args = ["merge-and-quantize", "--base", model_dirs["qwen2"], "--adapter", adapter, "--out", out]
+    done = _orpo(*args, "--quant", "q8_0")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert sorted(p.name for p in out.iterdir()) == ["Modelfile", "export_report.json", "model-q8_0.gguf"]
+
+    again = _orpo(*args, "--quant", "q8_0")
+    assert again.returncode == 1 and "already exists" in again.stderr and "--force" in again.stderr
+    assert "Traceback" not in again.stderr
+    assert _orpo(*args, "--quant", "f16", "--force").returncode == 0
+    assert (out / "model-f16.gguf").exists() and not (out / "model-q8_0.gguf").exists()
+
+    for extra, message in ((["--quant", "q4_k_xl"], "unknown quantization q4_k_xl; choose from"),):
+        bad = _orpo(*args, *extra, "--force")
+        assert bad.returncode == 1 and message in bad.stderr and "Traceback" not in bad.stderr
+    (tmp_path / "no-adapter").mkdir()
+    missing = _orpo("merge-and-quantize", "--base", model_dirs["qwen2"], "--adapter", tmp_path / "no-adapter",
+                    "--out", tmp_path / "x")
+    assert missing.returncode == 1 and "no adapter_config.json" in missing.stderr
+
+
+def test_unsupported_architecture_names_the_supported_ones(model_dirs, tmp_path):
+    odd = tmp_path / "odd"
+    shutil.copytree(model_dirs["llama"], odd)
+    config = json.loads((odd / "config.json").read_text())
+    config["architectures"] = ["GPTNeoXForCausalLM"]
+    (odd / "config.json").write_text(json.dumps(config))
+    proc = _orpo("merge-and-quantize", "--base", odd, "--out", tmp_path / "x", "--quant", "f16")
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert "GPTNeoXForCausalLM is not supported; supported: LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM" \
+        in proc.stderr
+
+
+def test_a_killed_export_leaves_no_truncated_file_and_a_rerun_completes(tmp_path):
+    tiny.build_model("llama", tmp_path / "m", hidden_size=512, intermediate_size=1536, num_hidden_layers=6,
+                     num_attention_heads=8)
+    out = tmp_path / "export"
+    args = ["merge-and-quantize", "--base", tmp_path / "m", "--out", out, "--quant", "f32", "--quant", "f16",
+            "--quant", "q8_0", "--quant", "q4_k_m", "--quant", "q6_k"]
+    proc = subprocess.Popen([str(BIN / "orpo"), *map(str, args)], env=_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 60
+    while time.time() < deadline and not any(out.glob("*.partial")) and not any(out.glob("model-f32.gguf")):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    for path in out.glob("*.gguf"):  # whatever has a final name is complete
+        gguf.GGUFReader(str(path))
+    assert not (out / "export_report.json").exists()
+    rerun = _orpo(*args, "--force")
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert not list(out.glob("*.partial")) and not list(out.glob(".work-*"))
+    for path in out.glob("*.gguf"):
+        gguf.GGUFReader(str(path))
+    assert len(list(out.glob("model-*.gguf"))) == 5
