@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from helpers import build_trainer, load_model, loss_metrics_grads, make_cfg, pair_dataset
 from pydantic import ValidationError
-from test_cli import _env, _train, _tiny_config
+from test_cli import _env, _tiny_config
 
 from orpo_plugin import PreferenceLoss, hookimpl, plugins
 
