@@ -109,13 +109,16 @@ def read_rows(ds_cfg, cfg) -> Iterator[tuple[str, dict | BadRow]]:
                 row = BadRow("(line)", "invalid_json", f"expected a JSON object, got {type(row).__name__}")
             yield where, row
         return
+    for i, row in enumerate(load_with_axolotl(ds_cfg, cfg)):
+        yield f"row {i}", present(row)
+
+
+def load_with_axolotl(ds_cfg, cfg):
+    """Hub ids, Parquet, directories...: Axolotl's loader, one split."""
     from axolotl.utils.data.shared import load_dataset_with_config
 
     dataset = load_dataset_with_config(ds_cfg, cfg.hf_use_auth_token, streaming=False)
-    if hasattr(dataset, "keys"):  # DatasetDict
-        dataset = dataset[ds_cfg.get("split") or "train"]
-    for i, row in enumerate(dataset):
-        yield f"row {i}", present(row)
+    return dataset[ds_cfg.get("split") or "train"] if hasattr(dataset, "keys") else dataset
 
 
 def present(row: dict) -> dict:
@@ -125,6 +128,17 @@ def present(row: dict) -> dict:
 
 
 # -- checking and normalizing -----------------------------------------------------------
+def apply_field_map(row: dict, field_map: dict) -> dict:
+    """Rename mapped columns (field_prompt: instruction -> {"prompt": row["instruction"]})."""
+    if not field_map:
+        return row
+    row = dict(row)
+    for target, column in field_map.items():
+        if column in row:
+            row[target] = row.pop(column)
+    return row
+
+
 def detect_format(row: dict, formats: dict[str, PreferenceFormat], source: str) -> PreferenceFormat:
     matches = [fmt for fmt in formats.values() if fmt.detect(row)]
     if len(matches) == 1:
@@ -150,11 +164,7 @@ def normalize_rows(rows, formats, field_map: dict, source: str, on_bad_row: str,
         try:
             if isinstance(row, BadRow):
                 raise row
-            if field_map:
-                row = dict(row)
-                for target, column in field_map.items():
-                    if column in row:
-                        row[target] = row.pop(column)
+            row = apply_field_map(row, field_map)
             fmt = fmt or detect_format(row, formats, source)
             report.format = fmt.name
             pairs.append(fmt.to_pair(row))
@@ -218,16 +228,13 @@ def _ours(cfg, ds_cfg, field_map, tokenizer, report: DatasetReport):
 def _axolotl_type(cfg, ds_cfg, index: int, tokenizer, report: DatasetReport):
     """Axolotl's own ORPO types: its transform to strings, then our tokenization."""
     from axolotl.prompt_strategies.orpo import load as load_orpo
-    from axolotl.utils.data.shared import load_dataset_with_config
 
-    dataset = load_dataset_with_config(ds_cfg, cfg.hf_use_auth_token, streaming=False)
-    if hasattr(dataset, "keys"):
-        dataset = dataset[ds_cfg.get("split") or "train"]
+    dataset = load_with_axolotl(ds_cfg, cfg)
     transform = load_orpo(ds_cfg["type"], cfg, dataset_idx=index)
     if transform is None:
         raise OrpoDataError(f"{report.source}: unknown dataset type {ds_cfg['type']!r}; use "
                             f"`type: orpo_plugin.preference` or one of Axolotl's ORPO types.")
-    transform, kwargs = transform if isinstance(transform, tuple) else (transform, {})
+    transform = transform[0] if isinstance(transform, tuple) else transform
     report.rows, report.format = len(dataset), str(ds_cfg["type"])
     strings = dataset.map(lambda row: transform(row, tokenizer=tokenizer), remove_columns=dataset.column_names,
                           desc=f"ORPO: {ds_cfg['type']}")
@@ -271,7 +278,8 @@ def _cache_dir(cfg, tokenizer) -> Path | None:
         path = Path(str(entry["path"]))
         stat = path.stat() if path.exists() else None
         sources.append([dict(entry), stat and [stat.st_size, stat.st_mtime_ns]])
-    key = json.dumps([sources, cfg.orpo_field_maps, cfg.sequence_len, cfg.chat_template, cfg.orpo_on_bad_row,
+    key = json.dumps([sources, cfg.orpo_field_maps, cfg.sequence_len, cfg.chat_template, cfg.chat_template_jinja,
+                      cfg.orpo_on_bad_row,
                       tokenizer.name_or_path, len(tokenizer), sorted(plugins.get_formats()), cfg.val_set_size,
                       cfg.seed], sort_keys=True, default=str)
     return Path(cfg.dataset_prepared_path) / "orpo_plugin" / hashlib.sha256(key.encode()).hexdigest()[:16]
@@ -295,23 +303,33 @@ def load_preference_data(cfg, preprocess: bool = False):
         if evaluation is None and cfg.val_set_size:
             split = train.train_test_split(test_size=cfg.val_set_size, seed=cfg.seed or 42)
             train, evaluation = split["train"], split["test"]
-        if cache is not None:
-            _save(train, cache / "train")
+        if cache is not None:  # eval first: an existing train/ means the cache is complete
             if evaluation is not None:
                 _save(evaluation, cache / "eval")
+            _save(train, cache / "train")
     steps = int(math.ceil(len(train) * (cfg.num_epochs or 1) / cfg.batch_size))
     return TrainDatasetMeta(train_dataset=train, eval_dataset=evaluation, total_num_steps=steps)
 
 
 def _save(dataset, path: Path) -> None:
-    """Write under a temporary name, then rename: a killed run leaves no half-written cache."""
+    """Write under a temporary name, then rename: a killed run leaves no half-written cache.
+    The cache key covers the sources (size, mtime) and every setting that shapes the pairs, so
+    an existing entry is identical: every rank of a multi-process run prepares the same data,
+    the first rename wins and the others drop their copy without touching what a rank may be
+    reading."""
+    import os
     import shutil
 
-    tmp = path.with_name(path.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
     dataset.save_to_disk(str(tmp))
-    shutil.rmtree(path, ignore_errors=True)
-    tmp.rename(path)
+    try:
+        if not path.exists():
+            tmp.rename(path)
+    except OSError:
+        if not path.exists():
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 # -- Axolotl's strategy interface (`rl: orpo` with TRL's trainer) ------------------------
@@ -323,16 +341,17 @@ def preference(cfg, dataset_idx: int = 0, **kwargs):
     entry = (cfg.datasets or [])[dataset_idx] if cfg.datasets else {}
     field_map = ((cfg.orpo_field_maps or {}).get("datasets") or [{}] * (dataset_idx + 1))[dataset_idx]
 
+    template: list[str] = []
+
     def transform(sample, tokenizer=None):
-        row = present(sample)
-        for target, column in field_map.items():
-            if column in row:
-                row[target] = row.pop(column)
+        row = apply_field_map(present(sample), field_map)
         try:
             pair = detect_format(row, formats, str(entry.get("path"))).to_pair(row)
         except BadRow as bad:
             raise OrpoDataError(f"{entry.get('path')}: {bad}") from None
-        prompt = render_prompt(tokenizer, chat_template(cfg, entry, tokenizer), pair.prompt)
+        if not template:  # resolved once, on the first row
+            template.append(chat_template(cfg, entry, tokenizer))
+        prompt = render_prompt(tokenizer, template[0], pair.prompt)
         return {"prompt": prompt, "chosen": pair.chosen, "rejected": pair.rejected}
 
     return transform, {"remove_columns": "__all__"}

@@ -112,7 +112,7 @@ def tokenize_dataset(dataset, tokenizer, max_length: int | None, num_proc: int |
         encode_string_pairs, batched=True, remove_columns=dataset.column_names, num_proc=num_proc,
         fn_kwargs={"tokenizer": tokenizer, "max_length": max_length}, desc="ORPO: tokenizing pairs",
     )
-    kept, notes = drop_unfit(tokenized, num_proc)
+    kept, _ = drop_unfit(tokenized, num_proc)
     return kept, len(tokenized) - len(kept)
 
 

@@ -49,13 +49,12 @@ def _sample_texts(tokenizer) -> list[str]:
     return chats + SAMPLE_TEXTS
 
 
-def parity(model_dir: Path, gguf_paths: dict[str, Path], threads: int) -> dict:
+def parity(model_dir: Path, tokenizer, gguf_paths: dict[str, Path], threads: int) -> dict:
     """Tokenization and next-token log-probs of each GGUF against the merged HF model."""
     import llama_cpp
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
-    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     hf = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
     texts = _sample_texts(tokenizer)
     encoded = [tokenizer(t, add_special_tokens=True)["input_ids"] for t in texts]
@@ -113,11 +112,11 @@ def export(base: str | Path, adapter: str | Path | None, out_dir: str | Path, qu
             times[f"{quant}_s"] = time.perf_counter() - start
         progress("check: tokenization and log-probs against the merged model")
         start = time.perf_counter()
-        report = parity(model_dir, files, threads)
-        times["parity_s"] = time.perf_counter() - start
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+        report = parity(model_dir, tokenizer, files, threads)
+        times["parity_s"] = time.perf_counter() - start
         chosen = next((q for q in PREFERRED_FOR_MODELFILE if q in files), quants[0])
         write_modelfile(out_dir, files[chosen].name, tokenizer.chat_template, num_ctx, tokenizer.eos_token or "</s>")
     report.update({
