@@ -1,9 +1,10 @@
 """GGUF export on a ~130M-parameter random Llama: peak memory of the conversion against the
 model's size on disk, and where the time goes (convert vs llama.cpp quantization).
 
-Each stage runs in a fresh process. Peak memory is sampled every 2 ms (RSS, which counts the
-safetensors pages read through mmap); "above baseline" subtracts the RSS after torch,
-transformers and the project are imported.
+Each stage runs in a fresh process, whose resident set this process samples every 2 ms from the
+outside (a sampling thread inside would compete with the stage for the GIL and slow it down);
+"above baseline" subtracts the resident set after torch, transformers and the project are
+imported, when the stage says it starts.
 
     python benchmarks/bench_export.py
 """
@@ -18,9 +19,6 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))
-from bench_train_step import RssPeak  # noqa: E402
-
 ROOT = Path(__file__).resolve().parents[1]
 SHAPE = dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12,
              num_key_value_heads=4, vocab_size=32000)
@@ -33,16 +31,36 @@ def stage(kind: str, src: str, dst: str) -> dict:
     from serve.convert import convert
     from serve.quantize import quantize
 
-    with RssPeak() as sampler:
-        baseline = sampler.rss()
-        start = time.perf_counter()
-        if kind == "quantize":
-            quantize(src, dst, "q4_k_m", threads=os.cpu_count())
-        else:
-            convert(src, dst, kind)
-        seconds = time.perf_counter() - start
-    return {"stage": kind, "seconds": seconds, "peak_rss_mib": sampler.peak / 2**20,
-            "above_baseline_mib": (sampler.peak - baseline) / 2**20}
+    import psutil
+
+    print("start", psutil.Process().memory_info().rss, flush=True)
+    start = time.perf_counter()
+    if kind == "quantize":
+        quantize(src, dst, "q4_k_m", threads=os.cpu_count())
+    else:
+        convert(src, dst, kind)
+    return {"stage": kind, "seconds": time.perf_counter() - start}
+
+
+def measure(args: list[str], env: dict) -> dict:
+    """Run one stage; sample its RSS from here between its "start" line and its exit."""
+    import psutil
+
+    proc = subprocess.Popen([sys.executable, __file__, "--stage", *args], env=env, stdout=subprocess.PIPE, text=True)
+    child = psutil.Process(proc.pid)
+    while not (line := proc.stdout.readline()).startswith("start"):
+        pass
+    baseline = peak = int(line.split()[1])
+    while proc.poll() is None:
+        try:
+            peak = max(peak, child.memory_info().rss)
+        except psutil.NoSuchProcess:
+            break
+        time.sleep(0.002)
+    result = json.loads(proc.stdout.read().strip().splitlines()[-1])
+    if proc.wait():
+        raise SystemExit(f"stage {args} failed")
+    return dict(result, peak_rss_mib=peak / 2**20, above_baseline_mib=(peak - baseline) / 2**20)
 
 
 def main():
@@ -62,9 +80,7 @@ def main():
         for kind, src, dst in (("f32", tmp / "model", tmp / "m-f32.gguf"), ("f16", tmp / "model", tmp / "m-f16.gguf"),
                                ("q8_0", tmp / "model", tmp / "m-q8_0.gguf"),
                                ("quantize", tmp / "m-f32.gguf", tmp / "m-q4_k_m.gguf")):
-            out = subprocess.run([sys.executable, __file__, "--stage", kind, str(src), str(dst)], env=env,
-                                 capture_output=True, text=True, check=True)
-            rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+            rows.append(measure([kind, str(src), str(dst)], env))
         print(f"model: {params / 1e6:.0f}M parameters, {on_disk:.0f} MiB of f32 safetensors")
         print("| stage | seconds | peak RSS MiB | above baseline MiB | above baseline / model on disk |")
         print("|---|---|---|---|---|")
@@ -72,6 +88,9 @@ def main():
             label = "q4_k_m (llama.cpp, from the f32 GGUF)" if r["stage"] == "quantize" else f"convert to {r['stage']}"
             print(f"| {label} | {r['seconds']:.1f} | {r['peak_rss_mib']:.0f} | {r['above_baseline_mib']:.0f} | "
                   f"{r['above_baseline_mib'] / on_disk:.2f} |")
+        by_stage = {r["stage"]: r["seconds"] for r in rows}
+        print(f"export to q4_k_m (convert f32 + quantize): quantization is "
+              f"{by_stage['quantize'] / (by_stage['f32'] + by_stage['quantize']):.0%} of the time")
 
 
 if __name__ == "__main__":

@@ -4,7 +4,8 @@
     [project.entry-points.orpo_plugin]
     my_formats = "my_package.orpo_formats"
 
-The built-in formats and the ORPO loss are registered through these same hooks.
+The built-in formats, the ORPO loss and the GGUF architectures are registered through these
+same hooks.
 """
 
 import pluggy
@@ -22,3 +23,9 @@ def register_formats(register):
 def register_losses(register):
     """Register preference losses: call register(PreferenceLoss(...)) for each; the YAML key
     `orpo_loss` selects one by name."""
+
+
+@hookspec
+def register_architectures(register):
+    """Register model architectures for GGUF export: call register(serve.architectures.Architecture(...))
+    for each, keyed by the class name in config.json's "architectures"."""

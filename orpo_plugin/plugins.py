@@ -10,22 +10,23 @@ import pluggy
 from orpo_plugin import hookspecs
 
 ENTRY_POINT_GROUP = "orpo_plugin"
-DEFAULT_PLUGINS = ("orpo_plugin.formats", "orpo_plugin.losses")
+DEFAULT_PLUGINS = ("orpo_plugin.formats", "orpo_plugin.losses", "serve.architectures")
 
 pm = pluggy.PluginManager("orpo_plugin")
 pm.add_hookspecs(hookspecs)
-for _name in DEFAULT_PLUGINS:
-    pm.register(importlib.import_module(_name), name=_name)
 
 
 @cache
-def _load_entry_points() -> None:
-    """On first use, not at import: a third-party plugin imports orpo_plugin itself."""
+def _load_plugins() -> None:
+    """On first use, not at import: a third-party plugin imports orpo_plugin itself, and training
+    should not pay for importing the export side (gguf)."""
+    for name in DEFAULT_PLUGINS:
+        pm.register(importlib.import_module(name), name=name)
     pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP)
 
 
 def _collect(hook) -> dict:
-    _load_entry_points()
+    _load_plugins()
     items: dict = {}
 
     def register(item):
@@ -47,7 +48,12 @@ def get_losses() -> dict:
     return _collect(pm.hook.register_losses)
 
 
+@cache
+def get_architectures() -> dict:
+    return _collect(pm.hook.register_architectures)
+
+
 def refresh() -> None:
     """Forget the cached registrations (after pm.register / pm.unregister)."""
-    get_formats.cache_clear()
-    get_losses.cache_clear()
+    for getter in (get_formats, get_losses, get_architectures):
+        getter.cache_clear()

@@ -88,6 +88,48 @@ def build_tokenizer(out_dir: str | Path, vocab_size: int = 512, seed: int = 0, b
     return hf
 
 
+MISTRAL_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{% if message['role'] == 'user' %}{{ '[INST] ' + message['content'] + ' [/INST]' }}"
+    "{% else %}{{ message['content'] + eos_token }}{% endif %}{% endfor %}"
+)
+
+
+def build_spm_tokenizer(out_dir: str | Path | None, vocab_size: int = 600, seed: int = 0):
+    """A SentencePiece-style tokenizer as Llama-2 and Mistral v0.1 ship it in tokenizer.json: BPE
+    over "▁"-joined words with byte fallback (<0x00>..<0xFF> in the vocabulary), <s> added in
+    front of every encoding, </s> as EOS."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<unk>", "<s>", "</s>"]
+    byte_tokens = [f"<0x{b:02X}>" for b in range(256)]
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size - len(byte_tokens), special_tokens=specials,
+                                  limit_alphabet=80, show_progress=False)
+    draft = Tokenizer(models.BPE(unk_token="<unk>"))
+    draft.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always", split=True)
+    draft.train_from_iterator([line for line in _corpus(3000, seed) if "<|" not in line], trainer=trainer)
+    learned = json.loads(draft.to_str())["model"]
+    # Ids as in Llama-2: specials, then the 256 byte tokens, then the learned pieces.
+    order = specials + byte_tokens + [t for t, _ in sorted(learned["vocab"].items(), key=lambda kv: kv[1])
+                                      if t not in specials]
+    vocab = {token: i for i, token in enumerate(order)}
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in learned["merges"]]
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    tok.add_special_tokens(specials)
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                       special_tokens=[("<s>", vocab["<s>"])])
+    hf = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    hf.chat_template = MISTRAL_TEMPLATE
+    hf.model_max_length = 2048
+    if out_dir is not None:
+        hf.save_pretrained(str(out_dir))
+    return hf
+
+
 def build_model(arch: str, out_dir: str | Path, tokenizer=None, seed: int = 0, **overrides):
     """Random-init model of a fixture architecture, saved with its tokenizer to out_dir."""
     import torch

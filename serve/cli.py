@@ -14,7 +14,7 @@ from serve.export import ExportError, export, report_table
 from serve.merge import MergeError
 from serve.quantize import QuantizeError
 
-EXPECTED = (ExportError, MergeError, ConversionError, QuantizeError, OSError)
+EXPECTED = (ExportError, MergeError, ConversionError, QuantizeError)
 DEFAULT_QUANTS = ("q8_0", "q4_k_m")
 
 
@@ -24,6 +24,11 @@ def _run_export(base, adapter, out, quants, force, threads, num_ctx):
                         progress=lambda msg: click.echo(f"orpo: {msg}", err=True))
     except EXPECTED as err:
         raise click.ClickException(str(err)) from None
+    except OSError as err:  # disk full, file too large, permissions: nothing was left under a final name
+        where = err.filename or out
+        why = err.strerror or f"short write ({err}), is the disk full?"
+        raise click.ClickException(f"could not write {where}: {why}; free space or pick another --out, "
+                                   f"then rerun with --force") from None
     click.echo(report_table(report))
     click.echo(f"wrote {out}/ (Modelfile: FROM ./{report['modelfile']['from']}; export_report.json)")
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,18 +16,7 @@ import gguf
 import numpy as np
 from tqdm import tqdm
 
-
-@dataclass(frozen=True)
-class Architecture:
-    gguf_arch: gguf.MODEL_ARCH
-    permute_qk: bool  # HF stores Q/K for half-rotation RoPE; llama.cpp's "llama" rotates pairs
-
-
-ARCHITECTURES = {
-    "LlamaForCausalLM": Architecture(gguf.MODEL_ARCH.LLAMA, permute_qk=True),
-    "MistralForCausalLM": Architecture(gguf.MODEL_ARCH.LLAMA, permute_qk=True),
-    "Qwen2ForCausalLM": Architecture(gguf.MODEL_ARCH.QWEN2, permute_qk=False),
-}
+from orpo_plugin.plugins import get_architectures
 
 # Output types written directly (K-quants come from llama.cpp's quantizer on top of these).
 OUT_TYPES = {
@@ -128,18 +118,8 @@ def _encode(data: np.ndarray, kind: gguf.GGMLQuantizationType) -> np.ndarray:
     return gguf.quants.quantize(data, kind)  # bytes, uint8
 
 
-def _write_tokenizer(writer: gguf.GGUFWriter, model_dir: Path, vocab_size: int) -> None:
-    from transformers import AutoTokenizer
-
-    from orpo_plugin.pairs import special_prefix
-
-    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-    # The tokenizer HF actually runs: transformers 5 may replace tokenizer.json's pre-tokenizer
-    # with the model family's own (Qwen2 does), and llama.cpp must reproduce what HF does.
-    spec = json.loads(tokenizer.backend_tokenizer.to_str())
-    if spec["model"]["type"] != "BPE":
-        raise ConversionError(f"{model_dir}: tokenizer model {spec['model']['type']!r} is not supported yet "
-                              f"(byte-level BPE is)")
+def _token_types(tokenizer, vocab_size: int, normal=lambda token: gguf.TokenType.NORMAL):
+    """Tokens by id with llama.cpp's types; ids HF does not use (a padded vocabulary) become UNUSED."""
     by_id = {i: t for t, i in tokenizer.get_vocab().items()}
     added = {t.content: t for t in tokenizer.added_tokens_decoder.values()}
     tokens, types = [], []
@@ -153,13 +133,77 @@ def _write_tokenizer(writer: gguf.GGUFWriter, model_dir: Path, vocab_size: int) 
             types.append(gguf.TokenType.CONTROL if added[token].special else gguf.TokenType.USER_DEFINED)
         else:
             tokens.append(token)
-            types.append(gguf.TokenType.NORMAL)
-    merges = [m if isinstance(m, str) else " ".join(m) for m in spec["model"].get("merges", [])]
+            types.append(normal(token))
+    return tokens, types
+
+
+def _merges(spec: dict) -> list[str]:
+    return [m if isinstance(m, str) else " ".join(m) for m in spec["model"].get("merges", [])]
+
+
+def _write_byte_level_bpe(writer: gguf.GGUFWriter, tokenizer, spec: dict, vocab_size: int) -> None:
+    tokens, types = _token_types(tokenizer, vocab_size)
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre(pre_tokenizer_name(spec))
     writer.add_token_list(tokens)
     writer.add_token_types(types)
-    writer.add_token_merges(merges)
+    writer.add_token_merges(_merges(spec))
+
+
+_BYTE_TOKEN = re.compile(r"<0x[0-9A-F]{2}>")
+
+
+def _adds_space_prefix(spec: dict) -> bool:
+    """Whether HF puts "▁" in front of the text (a Prepend normalizer or a Metaspace pre-tokenizer)."""
+    steps = [spec.get("normalizer") or {}, spec.get("pre_tokenizer") or {}]
+    steps = [sub for step in steps for sub in (step.get("normalizers") or step.get("pretokenizers") or [step])]
+    return any(step.get("type") == "Prepend" or (step.get("type") == "Metaspace"
+                                                   and step.get("prepend_scheme", "always") != "never")
+               for step in steps)
+
+
+def _write_sentencepiece_bpe(writer: gguf.GGUFWriter, tokenizer, spec: dict, vocab_size: int) -> None:
+    """Llama-2/Mistral-style vocabularies (tokenizer.json's BPE with byte fallback) for llama.cpp's
+    SentencePiece tokenizer, which merges the pair whose result scores highest: a piece scores
+    minus the rank of the merge that makes it, so merges happen in HF's order."""
+    tokens, types = _token_types(tokenizer, vocab_size, normal=lambda token: gguf.TokenType.BYTE
+                                 if _BYTE_TOKEN.fullmatch(token) else gguf.TokenType.NORMAL)
+    score: dict[str, float] = {}
+    for rank, merge in enumerate(_merges(spec)):  # pieces hold "▁", never a space
+        score.setdefault(merge.replace(" ", ""), -float(rank))
+    unk = spec["model"].get("unk_token")
+    for i, token in enumerate(tokens):
+        if token == unk:
+            types[i] = gguf.TokenType.UNKNOWN
+    writer.add_tokenizer_model("llama")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(tokens)
+    writer.add_token_scores([score.get(t, 0.0) if types[i] == gguf.TokenType.NORMAL else 0.0
+                             for i, t in enumerate(tokens)])
+    writer.add_token_types(types)
+    writer.add_add_space_prefix(_adds_space_prefix(spec))
+    if unk is not None:
+        writer.add_unk_token_id(tokenizer.convert_tokens_to_ids(unk))
+
+
+def _vocabulary_writer(spec: dict, where: Path):
+    model = spec["model"]
+    if model["type"] == "BPE":
+        return _write_sentencepiece_bpe if model.get("byte_fallback") else _write_byte_level_bpe
+    raise ConversionError(f"{where}: tokenizer model {model['type']!r} is not supported (byte-level BPE and "
+                          f"SentencePiece-style BPE with byte fallback are)")
+
+
+def _write_tokenizer(writer: gguf.GGUFWriter, model_dir: Path, vocab_size: int) -> None:
+    from transformers import AutoTokenizer
+
+    from orpo_plugin.pairs import special_prefix
+
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    # The tokenizer HF actually runs: transformers 5 may replace tokenizer.json's pre-tokenizer
+    # with the model family's own (Qwen2 does), and llama.cpp must reproduce what HF does.
+    spec = json.loads(tokenizer.backend_tokenizer.to_str())
+    _vocabulary_writer(spec, model_dir)(writer, tokenizer, spec, vocab_size)
     for setter, token_id in ((writer.add_bos_token_id, tokenizer.bos_token_id),
                              (writer.add_eos_token_id, tokenizer.eos_token_id),
                              (writer.add_pad_token_id, tokenizer.pad_token_id)):
@@ -177,12 +221,14 @@ def convert(model_dir: str | Path, out_path: str | Path, out_type: str = "f16", 
     model_dir, out_path = Path(model_dir), Path(out_path)
     config = json.loads((model_dir / "config.json").read_text())
     arch_name = (config.get("architectures") or ["?"])[0]
-    if arch_name not in ARCHITECTURES:
+    architectures = get_architectures()
+    if arch_name not in architectures:
         raise ConversionError(f"{model_dir}: architecture {arch_name} is not supported; supported: "
-                              f"{', '.join(ARCHITECTURES)}")
+                              f"{', '.join(architectures)}. Add one with the register_architectures hook "
+                              f"(serve/architectures.py shows how)")
     if out_type not in OUT_TYPES:
         raise ConversionError(f"unknown output type {out_type!r}; choose from {', '.join(OUT_TYPES)}")
-    arch = ARCHITECTURES[arch_name]
+    arch = architectures[arch_name]
     tensor_type, file_type = OUT_TYPES[out_type]
     n_layers, n_heads = config["num_hidden_layers"], config["num_attention_heads"]
     n_kv = config.get("num_key_value_heads") or n_heads
@@ -205,6 +251,8 @@ def convert(model_dir: str | Path, out_path: str | Path, out_type: str = "f16", 
     writer.add_vocab_size(config["vocab_size"])
     writer.add_file_type(file_type)
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    if arch.add_metadata:
+        arch.add_metadata(writer, config)
     _write_tokenizer(writer, model_dir, config["vocab_size"])
 
     # Pass 1: names, types and sizes from the shapes alone; pass 2 converts and writes one

@@ -11,6 +11,24 @@ class MergeError(ValueError):
     pass
 
 
+def _untie_adapted_embeddings(model) -> None:
+    """With tied embeddings, an adapter on one side (lm_head or embed_tokens) trained a model whose
+    two sides differ; merging into the shared matrix would move both. Give the output side its
+    own copy first, and save the model untied."""
+    import torch
+
+    base = model.get_base_model()
+    config = base.config.get_text_config()
+    inner, outer = base.get_input_embeddings(), base.get_output_embeddings()
+    adapted = [m for m in (inner, outer) if hasattr(m, "base_layer") or hasattr(m, "modules_to_save")]
+    if outer is None or not getattr(config, "tie_word_embeddings", False) or not adapted:
+        return
+    layer = getattr(outer, "base_layer", outer)
+    if hasattr(layer, "weight") and layer.weight is getattr(inner, "base_layer", inner).weight:
+        layer.weight = torch.nn.Parameter(layer.weight.detach().clone())
+    config.tie_word_embeddings = base.config.tie_word_embeddings = False
+
+
 def merge_adapter(base: str | Path, adapter: str | Path, out_dir: str | Path, dtype: str = "float32") -> Path:
     """Load base unquantized, apply the adapter, merge, save to out_dir with the tokenizer the
     adapter was trained with (Axolotl saves it beside the adapter). Atomic: a temporary
@@ -31,6 +49,7 @@ def merge_adapter(base: str | Path, adapter: str | Path, out_dir: str | Path, dt
         declared = json.loads(config_path.read_text()).get("base_model_name_or_path")
         raise MergeError(f"{adapter} does not fit base model {base} (the adapter names {declared!r}): "
                          f"{str(err).splitlines()[0]}") from None
+    _untie_adapted_embeddings(model)
     merged = model.merge_and_unload(progressbar=True)
     tokenizer_dir = adapter if (adapter / "tokenizer_config.json").is_file() else Path(base)
     tmp = out_dir.with_name(out_dir.name + ".partial")

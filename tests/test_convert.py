@@ -3,6 +3,11 @@ wrong conversion (no Q/K permute) is caught by the same check."""
 
 from __future__ import annotations
 
+import json
+import random
+import shutil
+import types
+
 import gguf
 import llama_cpp
 import numpy as np
@@ -10,12 +15,13 @@ import pytest
 import torch
 
 from orpo_plugin import tiny
+from orpo_plugin import plugins
+from orpo_plugin.hookspecs import hookimpl
+from serve.architectures import Architecture
 from serve.convert import ConversionError, convert, pre_tokenizer_name
 
-TEXTS = [
-    "<|im_start|>user\nWhat is 12 + 30?<|im_end|>\n<|im_start|>assistant\n12 + 30 = 42<|im_end|>\n",
-    "Plain text, with punctuation!  Two spaces, digits 1234567 and ünïcödé — ok?",
-]
+CONVERSATION = [{"role": "user", "content": "What is 12 + 30?"}, {"role": "assistant", "content": "12 + 30 = 42"}]
+PLAIN = "Plain text, with punctuation!  Two spaces,\n digits 1234567 and ünïcödé — ok? 😀"
 # Bars from the issue: f32/f16 within 0.5% of HF's logit scale (llama.cpp keeps its KV cache in
 # f16, so exact equality is not the bar); q8_0 within 5%.
 TOLERANCE = {"f32": 0.005, "f16": 0.005, "q8_0": 0.05}
@@ -33,6 +39,14 @@ def sharp_models(tmp_path_factory):
     return dirs
 
 
+@pytest.fixture(scope="module")
+def spm_model(tmp_path_factory):
+    """Mistral v0.1-style: SentencePiece BPE with byte fallback, <s> in front of every encoding."""
+    path = tmp_path_factory.mktemp("spm") / "mistral-spm"
+    tiny.build_model("mistral", path, tokenizer=tiny.build_spm_tokenizer(None), initializer_range=0.1)
+    return path
+
+
 def _llama(path):
     return llama_cpp.Llama(model_path=str(path), logits_all=True, n_ctx=256, n_threads=2, verbose=False)
 
@@ -46,7 +60,7 @@ def logit_error(model_dir, gguf_path) -> float:
     llm = _llama(gguf_path)
     worst = 0.0
     try:
-        for text in TEXTS:
+        for text in (tokenizer.apply_chat_template(CONVERSATION, tokenize=False), PLAIN):
             ids = tokenizer(text, add_special_tokens=False)["input_ids"]
             assert llm.tokenize(text.encode(), add_bos=False, special=True) == ids, text
             llm.reset()
@@ -76,19 +90,48 @@ def test_sharp_models_match_and_a_missing_qk_permute_is_caught(arch, sharp_model
         assert logit_error(sharp_models[arch], wrong) > 10 * TOLERANCE["f32"]
 
 
+@pytest.mark.parametrize("out_type", ["f32", "f16", "q8_0"])
+def test_sentencepiece_model_matches_hf(spm_model, out_type, tmp_path):
+    path = convert(spm_model, tmp_path / f"model-{out_type}.gguf", out_type)
+    assert logit_error(spm_model, path) <= TOLERANCE[out_type]
+
+
+def test_sentencepiece_tokens_equal_hf(spm_model, tmp_path):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(spm_model))
+    path = convert(spm_model, tmp_path / "m.gguf", "f16")
+    reader = gguf.GGUFReader(str(path))
+    assert _text(reader, "tokenizer.ggml.model") == "llama"
+    types = reader.fields["tokenizer.ggml.token_type"]
+    assert [int(types.parts[i][0]) for i in types.data[3:259]] == [gguf.TokenType.BYTE] * 256
+    rng = random.Random(0)
+    pieces = ["What", "is", "12", "+", "=", " ", "  ", "\n", "ünï", "—", "😀", "x", "[INST]", "</s>", "<s>", "▁"]
+    texts = ["", " ", "\n\n", tokenizer.apply_chat_template(CONVERSATION, tokenize=False)]
+    texts += ["".join(rng.choice(pieces) + rng.choice(["", " "]) for _ in range(rng.randint(1, 12)))
+              for _ in range(200)]
+    llm = _llama(path)
+    try:
+        for text in texts:
+            for bos in (False, True):
+                assert llm.tokenize(text.encode(), add_bos=bos, special=True) == \
+                    tokenizer(text, add_special_tokens=bos)["input_ids"], (text, bos)
+    finally:
+        llm.close()
+
+
+def _text(reader, key):
+    field = reader.fields[key]
+    return bytes(field.parts[field.data[0]]).decode()
+
+
 def test_metadata_and_tensor_types(sharp_models, tmp_path):
     path = convert(sharp_models["llama-tied"], tmp_path / "model-q8_0.gguf", "q8_0")
     reader = gguf.GGUFReader(str(path))
-    fields = reader.fields
-
-    def text(key):
-        field = fields[key]
-        return bytes(field.parts[field.data[0]]).decode()
-
-    assert text("general.architecture") == "llama"
-    assert text("tokenizer.ggml.model") == "gpt2" and text("tokenizer.ggml.pre") == "gpt-2"
-    assert "<|im_start|>" in text("tokenizer.chat_template")
-    assert bool(fields["tokenizer.ggml.add_bos_token"].parts[-1][0]) is False  # as HF encodes
+    assert _text(reader, "general.architecture") == "llama"
+    assert _text(reader, "tokenizer.ggml.model") == "gpt2" and _text(reader, "tokenizer.ggml.pre") == "gpt-2"
+    assert "<|im_start|>" in _text(reader, "tokenizer.chat_template")
+    assert bool(reader.fields["tokenizer.ggml.add_bos_token"].parts[-1][0]) is False  # as HF encodes
     types = {t.name: t.tensor_type for t in reader.tensors}
     assert "output.weight" not in types  # tied: llama.cpp reuses token_embd
     assert types["blk.0.attn_q.weight"] == gguf.GGMLQuantizationType.Q8_0
@@ -115,3 +158,28 @@ def test_bad_inputs_and_no_half_written_file(sharp_models, tmp_path, monkeypatch
     with pytest.raises(OSError, match="disk full"):
         convert(sharp_models["llama"], tmp_path / "y.gguf", "f32")
     assert list(tmp_path.iterdir()) == []  # neither y.gguf nor y.gguf.partial
+
+
+def test_an_architecture_registered_through_the_hook_converts(sharp_models, tmp_path):
+    renamed = tmp_path / "acme"
+    shutil.copytree(sharp_models["llama"], renamed)
+    config = json.loads((renamed / "config.json").read_text())
+    config["architectures"] = ["AcmeLlamaForCausalLM"]
+    (renamed / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ConversionError, match="AcmeLlamaForCausalLM is not supported.*register_architectures"):
+        convert(renamed, tmp_path / "x.gguf", "f32")
+
+    def stamp(writer, config):
+        writer.add_string("acme.source", config["architectures"][0])
+
+    plugin = types.SimpleNamespace(register_architectures=hookimpl(lambda register: register(
+        Architecture("AcmeLlamaForCausalLM", gguf.MODEL_ARCH.LLAMA, permute_qk=True, add_metadata=stamp))))
+    plugins.pm.register(plugin, name="test-acme")
+    plugins.refresh()
+    try:
+        path = convert(renamed, tmp_path / "acme.gguf", "f32")
+    finally:
+        plugins.pm.unregister(name="test-acme")
+        plugins.refresh()
+    assert _text(gguf.GGUFReader(str(path)), "acme.source") == "AcmeLlamaForCausalLM"
+    assert logit_error(sharp_models["llama"], path) <= TOLERANCE["f32"]

@@ -81,7 +81,23 @@ def test_unsupported_architecture_names_the_supported_ones(model_dirs, tmp_path)
     proc = _orpo("merge-and-quantize", "--base", odd, "--out", tmp_path / "x", "--quant", "f16")
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert "GPTNeoXForCausalLM is not supported; supported: LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM" \
-        in proc.stderr
+        in proc.stderr and "register_architectures hook" in proc.stderr
+
+
+def test_a_disk_write_failure_is_one_clear_error(model_dirs, tmp_path):
+    """RLIMIT_FSIZE makes every write past 64 KiB fail with EFBIG, like a full disk would."""
+    import resource
+
+    def small_files():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, 64 * 1024))
+
+    out = tmp_path / "export"
+    proc = subprocess.run([str(BIN / "orpo"), "merge-and-quantize", "--base", str(model_dirs["llama"]), "--out",
+                           str(out), "--quant", "f32"], env=_env(), capture_output=True, text=True, timeout=600,
+                          preexec_fn=small_files)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert f"Error: could not write {out}" in proc.stderr and "rerun with --force" in proc.stderr
+    assert not list(out.glob("*.gguf")) and not list(out.glob("*.partial"))
 
 
 def test_a_killed_export_leaves_no_truncated_file_and_a_rerun_completes(tmp_path):

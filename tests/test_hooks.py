@@ -46,10 +46,11 @@ def acme_site(tmp_path):
 
 
 def test_builtins_come_through_the_same_hooks():
-    names = {plugins.pm.get_name(p) for p in plugins.pm.get_plugins()}
-    assert set(plugins.DEFAULT_PLUGINS) <= names
     assert {"prompt", "conversation", "question"} <= set(plugins.get_formats())
     assert "orpo" in plugins.get_losses()
+    assert {"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM"} <= set(plugins.get_architectures())
+    names = {plugins.pm.get_name(p) for p in plugins.pm.get_plugins()}
+    assert set(plugins.DEFAULT_PLUGINS) <= names
 
 
 def test_entry_point_format_is_discovered(acme_site):

@@ -15,18 +15,25 @@ from serve.merge import MergeError, merge_adapter
 from serve.quantize import QuantizeError, quantize
 
 
-def _random_adapter(model_dir, out_dir, seed=0):
+def _random_adapter(model_dir, out_dir, seed=0, targets=("q_proj", "v_proj", "down_proj")):
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
-    peft = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"],
+    peft = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=list(targets),
                                             init_lora_weights=False, task_type="CAUSAL_LM"))
     peft.save_pretrained(str(out_dir))
     return out_dir
 
 
-@pytest.mark.parametrize("arch", ["llama", "llama-tied", "qwen2"])
-def test_merged_model_equals_the_adapter_forward(arch, model_dirs, tmp_path):
-    adapter = _random_adapter(model_dirs[arch], tmp_path / "adapter")
+@pytest.mark.parametrize("arch, targets", [
+    ("llama", ("q_proj", "v_proj", "down_proj")),
+    ("llama-tied", ("q_proj", "v_proj", "down_proj")),
+    ("qwen2", ("q_proj", "v_proj", "down_proj")),
+    # An adapter on one side of a tied pair: the merged model must untie, not move both.
+    ("llama-tied", ("q_proj", "lm_head")),
+    ("qwen2", ("embed_tokens", "v_proj")),
+])
+def test_merged_model_equals_the_adapter_forward(arch, targets, model_dirs, tmp_path):
+    adapter = _random_adapter(model_dirs[arch], tmp_path / "adapter", targets=targets)
     merged_dir = merge_adapter(model_dirs[arch], adapter, tmp_path / "merged")
     ids = torch.tensor([[1, 5, 9, 40, 2, 7]])
     base = AutoModelForCausalLM.from_pretrained(str(model_dirs[arch]), dtype=torch.float32)
