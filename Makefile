@@ -16,7 +16,7 @@ export AXOLOTL_DO_NOT_TRACK=1
 export DO_NOT_TRACK=1
 export TOKENIZERS_PARALLELISM=false
 
-.PHONY: setup test tiny train-tiny bench clean
+.PHONY: setup demo test tiny train-tiny bench clean
 
 setup: $(STAMP)
 
@@ -27,6 +27,10 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $(STAMP)
+
+# The whole job on the embedded default: build, train, export, serve, score, plot, summary.
+demo: setup
+	$(BIN)/python -m serve.demo --out build/demo
 
 test: setup
 	$(BIN)/python -m pytest -q
@@ -45,6 +49,8 @@ bench: setup
 	$(BIN)/python benchmarks/bench_data.py
 	$(BIN)/python benchmarks/bench_prefix_sharing.py
 	$(BIN)/python benchmarks/bench_export.py
+	$(BIN)/python benchmarks/bench_serve.py
+	$(BIN)/python benchmarks/bench_orpo_vs_sft.py
 
 clean:
 	rm -rf build outputs last_run_prepared .pytest_cache

@@ -157,7 +157,7 @@ def detect_format(row: dict, formats: dict[str, PreferenceFormat], source: str) 
 
 
 def normalize_rows(rows, formats, field_map: dict, source: str, on_bad_row: str,
-                   report: DatasetReport) -> list[Pair]:
+                   report: DatasetReport, skip_hint: str = "set `orpo_on_bad_row: skip`") -> list[Pair]:
     pairs, fmt = [], None
     for where, row in rows:
         report.rows += 1
@@ -171,8 +171,8 @@ def normalize_rows(rows, formats, field_map: dict, source: str, on_bad_row: str,
         except BadRow as bad:
             if on_bad_row != "skip":
                 raise OrpoDataError(
-                    f"{source} {where}: {bad}. Fix the row, or set `orpo_on_bad_row: skip` to drop "
-                    f"such rows (they are counted and reported).") from None
+                    f"{source} {where}: {bad}. Fix the row, or {skip_hint} to drop such rows (they are "
+                    f"counted and reported).") from None
             report.skipped[bad.reason] += 1
     return pairs
 

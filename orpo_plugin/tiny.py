@@ -29,8 +29,10 @@ ARCHITECTURES = {
     "mistral": dict(_SMALL, cls="MistralForCausalLM", num_key_value_heads=1, tie_word_embeddings=False),
     "qwen2": dict(_SMALL, cls="Qwen2ForCausalLM", num_key_value_heads=2, tie_word_embeddings=True),
     # The embedded default used by example_configs/tiny-cpu.yml.
+    # A wider init than HF's 0.02: LoRA cannot train the LM head or the final norm, and at 0.02
+    # the logits stay too small for the trained model to be confident (about -3.8 per token).
     "demo": dict(cls="LlamaForCausalLM", hidden_size=128, intermediate_size=256, num_hidden_layers=4,
-                 num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False),
+                 num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False, initializer_range=0.1),
 }
 
 
@@ -54,14 +56,26 @@ def _corpus(n_lines: int, seed: int) -> list[str]:
     return lines
 
 
-def build_tokenizer(out_dir: str | Path, vocab_size: int = 512, seed: int = 0, bos_token: str | None = None):
+# Qwen2's split pattern: one digit per token, so numbers are sequences a small model can copy.
+SINGLE_DIGIT_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                      r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+
+
+def build_tokenizer(out_dir: str | Path, vocab_size: int = 512, seed: int = 0, bos_token: str | None = None,
+                    single_digits: bool = False, extra_corpus: list[str] = ()):
     """Train a byte-level BPE tokenizer with ChatML specials; EOS is the end-of-turn token.
-    bos_token (e.g. "<|endoftext|>") makes a Llama-style tokenizer that starts prompts with it."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    bos_token (e.g. "<|endoftext|>") makes a Llama-style tokenizer that starts prompts with it;
+    single_digits splits numbers into digits (GPT-2's pattern keeps digit runs together)."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    if single_digits:
+        tok.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(SINGLE_DIGIT_SPLIT), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    else:
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
@@ -69,7 +83,7 @@ def build_tokenizer(out_dir: str | Path, vocab_size: int = 512, seed: int = 0, b
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(_corpus(3000, seed), trainer=trainer)
+    tok.train_from_iterator(_corpus(3000, seed) + list(extra_corpus), trainer=trainer)
     if bos_token:  # like Llama: the tokenizer itself starts every encoding with BOS
         bos_id = tok.token_to_id(bos_token)
         tok.post_processor = processors.TemplateProcessing(
@@ -178,6 +192,45 @@ def arithmetic_pairs(n: int, seed: int) -> list[dict]:
     return rows
 
 
+# The demo task: unit conversion. The right answer copies the number and appends as many zeros
+# as the unit pair says; the wrong one has a zero too many or too few, a changed digit, or the
+# wrong unit. A crisp rule that a tiny model learns in minutes, and a random one cannot guess.
+UNITS = [("km", "m", 3), ("m", "cm", 2), ("kg", "g", 3), ("m", "mm", 3), ("cm", "mm", 1), ("L", "mL", 3)]
+
+
+def conversion_question(rng: random.Random) -> tuple[str, str]:
+    """(question, correct answer)."""
+    a, b, zeros = rng.choice(UNITS)
+    x = rng.randint(1, 999)
+    return f"Convert {x} {a} to {b}.", f"{x} {a} = {x}{'0' * zeros} {b}"
+
+
+def _wrong_conversion(answer: str, rng: random.Random) -> str:
+    x, a, _, value, b = answer.split(" ")
+    zeros = len(value) - len(x)
+    mistake = rng.choice(["zeros", "digit", "unit"])
+    if mistake == "zeros":
+        value = x + "0" * (zeros + (1 if zeros == 1 else rng.choice([-1, 1])))
+    elif mistake == "digit":
+        i = rng.randrange(len(x))
+        x_wrong = x[:i] + rng.choice([d for d in "123456789" if d != x[i]]) + x[i + 1:]
+        value = x_wrong + "0" * zeros
+    else:
+        b = a
+    return f"{x} {a} = {value} {b}"
+
+
+def conversion_pairs(n: int, seed: int) -> list[dict]:
+    """Preference pairs in the prompt/chosen/rejected format, chosen correct."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        question, answer = conversion_question(rng)
+        rows.append({"prompt": [{"role": "user", "content": question}], "chosen": answer,
+                     "rejected": _wrong_conversion(answer, rng)})
+    return rows
+
+
 def write_jsonl(rows: list[dict], path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -187,13 +240,15 @@ def write_jsonl(rows: list[dict], path: str | Path) -> Path:
     return path
 
 
-def build_default(out_dir: str | Path, n_train: int = 512, n_eval: int = 64) -> Path:
-    """Model, tokenizer and train/eval pairs for example_configs/tiny-cpu.yml."""
+def build_default(out_dir: str | Path, n_train: int = 2000, n_eval: int = 200) -> Path:
+    """Model, tokenizer and train/held-out pairs for example_configs/tiny-cpu.yml (the demo)."""
     out_dir = Path(out_dir)
-    tokenizer = build_tokenizer(out_dir / "model")
+    rng = random.Random(7)
+    corpus = [" ".join(conversion_question(rng)) for _ in range(3000)]
+    tokenizer = build_tokenizer(out_dir / "model", single_digits=True, extra_corpus=corpus)
     build_model("demo", out_dir / "model", tokenizer=tokenizer)
-    write_jsonl(arithmetic_pairs(n_train, seed=1), out_dir / "data" / "train.jsonl")
-    write_jsonl(arithmetic_pairs(n_eval, seed=2), out_dir / "data" / "eval.jsonl")
+    write_jsonl(conversion_pairs(n_train, seed=1), out_dir / "data" / "train.jsonl")
+    write_jsonl(conversion_pairs(n_eval, seed=2), out_dir / "data" / "eval.jsonl")
     return out_dir
 
 

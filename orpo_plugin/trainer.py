@@ -8,11 +8,14 @@ batch. Logits exist only at scored positions, a chunk at a time (see logprobs.py
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from axolotl.core.trainers.base import AxolotlTrainer
 from axolotl.utils.logging import get_logger
+from transformers import TrainerCallback
 
 from orpo_plugin import odds
 from orpo_plugin.logprobs import head_logits, logit_transform, token_logprobs
@@ -151,6 +154,22 @@ def _unwrap(model):
     return model
 
 
+LOG_HISTORY = "orpo_log_history.json"
+
+
+class LogHistoryWriter(TrainerCallback):
+    """Keeps OUTPUT_DIR/orpo_log_history.json current on every log (what `orpo plot` reads):
+    runs with save_strategy "no" write no trainer_state.json, and a cut-short run still has its curve."""
+
+    def on_log(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            path = Path(args.output_dir) / LOG_HISTORY
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(path.name + ".partial")
+            tmp.write_text(json.dumps(state.log_history, indent=1))
+            tmp.replace(path)
+
+
 class OrpoTrainer(AxolotlTrainer):
     """Built by Axolotl's RL builder (`rl: orpo_plugin`); accepts TRL-style string datasets."""
 
@@ -195,6 +214,7 @@ class OrpoTrainer(AxolotlTrainer):
             collator = PairCollator(pad_id, pad_to_multiple_of=self._pad_multiple)
         # Axolotl swaps collators between train and eval; all are ours.
         self.data_collator = self.train_data_collator = self.eval_data_collator = collator
+        self.add_callback(LogHistoryWriter())
 
     # -- loss -------------------------------------------------------------------------
     def _get_num_items_in_batch(self, batch_samples, device):

@@ -63,6 +63,97 @@ def merge_and_quantize(base, adapter, out, quants, force, threads, num_ctx):
     _run_export(base, adapter, out, quants, force, threads, num_ctx)
 
 
+_threads = click.option("--n-threads", "threads", type=int, default=None,
+                        help="CPU threads [default: all cores]")
+_n_ctx = click.option("--n-ctx", type=int, default=4096, show_default=True, help="context size in tokens")
+
+
+@main.command("serve")
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("--host", default="127.0.0.1", show_default=True, help="interface to bind (loopback by default)")
+@click.option("--port", type=int, default=8000, show_default=True)
+@click.option("--api-key", default=None, envvar="ORPO_API_KEY",
+              help="require `Authorization: Bearer KEY` on every route but /health [env: ORPO_API_KEY]")
+@_n_ctx
+@_threads
+@click.option("--max-pairs", type=int, default=64, show_default=True, help="pairs per /v1/score request")
+def serve(model, host, port, api_key, n_ctx, threads, max_pairs):
+    """OpenAI-compatible chat and completions, plus POST /v1/score (chosen vs rejected)."""
+    import uvicorn
+
+    from serve.server import ServeError, create_app
+
+    try:
+        app = create_app(model, api_key=api_key, n_ctx=n_ctx, n_threads=threads, max_pairs=max_pairs)
+    except ServeError as err:
+        raise click.ClickException(str(err)) from None
+    click.echo(f"orpo: serving {model} on http://{host}:{port} (OpenAI API under /v1, scoring at /v1/score, "
+               f"GET /health)", err=True)
+    uvicorn.run(app, host=host, port=port, log_level="warning")
+
+
+@main.command("score")
+@click.argument("models", nargs=-1, required=True)
+@click.option("--pairs", "pairs_path", required=True, type=click.Path(exists=True, dir_okay=False),
+              help="preference pairs, in any dataset format training reads (JSONL or JSON)")
+@click.option("--report", "report_path", type=click.Path(dir_okay=False), default=None,
+              help="write every pair's scores and the summaries as JSON")
+@click.option("--limit", type=int, default=None, help="score the first N pairs only")
+@click.option("--on-bad-row", type=click.Choice(["error", "skip"]), default="error", show_default=True)
+@_n_ctx
+@_threads
+def score(models, pairs_path, report_path, limit, on_bad_row, n_ctx, threads):
+    """Preference accuracy of each MODEL (GGUF file, HF model directory, or a LoRA adapter
+    directory from `axolotl train`) on held-out pairs."""
+    from orpo_plugin.datasets import OrpoDataError
+    from serve.evaluate import load_pairs, score_models, summary_table, write_report
+    from serve.scoring import ScoreError
+
+    try:
+        pairs = load_pairs(pairs_path, on_bad_row, limit)
+        report = score_models(list(models), pairs, n_ctx=n_ctx, threads=threads)
+    except (OrpoDataError, ScoreError) as err:
+        raise click.ClickException(str(err)) from None
+    report["pairs_file"] = str(pairs_path)
+    click.echo(summary_table(report))
+    if report_path:
+        write_report(report, report_path)
+        click.echo(f"wrote {report_path}")
+
+
+@main.command("chat")
+@click.argument("model", type=click.Path(exists=True, dir_okay=False))
+@_n_ctx
+@_threads
+@click.option("--max-tokens", type=int, default=512, show_default=True, help="longest reply")
+@click.option("--temperature", type=float, default=0.7, show_default=True, help="0 answers greedily")
+@click.option("--system", default=None, help="system prompt")
+def chat(model, n_ctx, threads, max_tokens, temperature, system):
+    """Chat in the terminal with a GGUF, using its embedded chat template."""
+    from serve.chat import chat as run
+    from serve.server import ServeError, check_gguf
+
+    try:
+        check_gguf(model)
+    except ServeError as err:
+        raise click.ClickException(str(err)) from None
+    run(model, n_ctx=n_ctx, threads=threads, max_tokens=max_tokens, temperature=temperature, system=system)
+
+
+@main.command("plot")
+@click.argument("output_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--out", default=None, help="PNG path [default: OUTPUT_DIR/orpo_training.png]")
+def plot(output_dir, out):
+    """Plot chosen/rejected log-probs, log-odds ratio, NLL and reward accuracy over steps."""
+    from serve.plot import PlotError
+    from serve.plot import plot as draw
+
+    try:
+        click.echo(f"wrote {draw(output_dir, out)}")
+    except PlotError as err:
+        raise click.ClickException(str(err)) from None
+
+
 @click.command("merge-and-quantize")
 @click.argument("config", type=click.Path(exists=True, dir_okay=False))
 @click.option("--out", default=None, help="output directory [default: OUTPUT_DIR/gguf]")

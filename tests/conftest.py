@@ -56,3 +56,22 @@ def fresh_plugins():
     PluginManager._instance = None
     yield
     PluginManager._instance = None
+
+
+@pytest.fixture(scope="session")
+def trained_tiny(tmp_path_factory, tiny_default):
+    """The embedded default trained briefly through `axolotl train` and exported through
+    `axolotl merge-and-quantize` (f16 and q8_0): {"base", "adapter", "gguf"} paths."""
+    from test_cli import BIN, _env, _tiny_config, _train
+
+    root = tmp_path_factory.mktemp("trained")
+    config = _tiny_config(root, tiny_default, max_steps=150, test_datasets=None, eval_steps=None,
+                          save_strategy="no")
+    _train(config, "--launcher", "python")
+    import subprocess
+
+    proc = subprocess.run([str(BIN / "axolotl"), "merge-and-quantize", str(config), "--quant", "f16", "--quant",
+                           "q8_0"], cwd=root, env=_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return {"base": tiny_default / "model", "adapter": root / "out", "gguf": root / "out" / "gguf",
+            "eval": tiny_default / "data" / "eval.jsonl"}

@@ -1,0 +1,104 @@
+"""`orpo score`: held-out preference pairs through one or more models (GGUF files, HF model
+directories, or the adapter directory `axolotl train` wrote), with the training tokenization and
+the training metrics' definitions."""
+
+from __future__ import annotations
+
+import json
+import os
+from contextlib import contextmanager
+from pathlib import Path
+
+from serve.scoring import GGUFTokenizer, HFScorer, LlamaCppScorer, PairText, ScoreError, score_pair, summarize
+
+
+def load_pairs(path: str | Path, on_bad_row: str = "error", limit: int | None = None) -> list[PairText]:
+    """Every dataset format training reads (detected by shape, bad rows named by line)."""
+    from axolotl.utils.dict import DictDefault
+
+    from orpo_plugin import plugins
+    from orpo_plugin.datasets import DatasetReport, OrpoDataError, normalize_rows, read_rows
+
+    source = str(path)
+    rows = read_rows({"path": source}, DictDefault({}))
+    pairs = normalize_rows(rows, plugins.get_formats(), {}, source, on_bad_row, DatasetReport(source),
+                           skip_hint="pass --on-bad-row skip")
+    if not pairs:
+        raise OrpoDataError(f"{source}: no usable pairs")
+    return [PairText(p.prompt, p.chosen, p.rejected) for p in pairs[:limit]]
+
+
+def model_kind(path: str | Path) -> str:
+    path = Path(path)
+    if path.is_file() and path.open("rb").read(4) == b"GGUF":
+        return "gguf"
+    if (path / "adapter_config.json").is_file():
+        return "adapter"
+    if (path / "config.json").is_file():
+        return "hf"
+    raise ScoreError(f"{path}: not a GGUF file, an adapter directory (adapter_config.json) or a model "
+                     f"directory (config.json)")
+
+
+@contextmanager
+def open_model(path: str | Path, n_ctx: int = 4096, threads: int | None = None):
+    """(scorer, tokenizer) for a GGUF (llama.cpp) or an HF directory (transformers, fp32)."""
+    kind = model_kind(path)
+    if kind == "gguf":
+        import llama_cpp
+
+        threads = threads or os.cpu_count() or 1
+        llm = llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads,
+                              verbose=False)
+        try:
+            yield LlamaCppScorer(llm), GGUFTokenizer(llm)
+        finally:
+            llm.close()
+    else:
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        if threads:
+            torch.set_num_threads(threads)
+        if kind == "adapter":  # what `axolotl train` wrote: its base, with the adapter applied
+            from peft import AutoPeftModelForCausalLM
+
+            model = AutoPeftModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
+        yield HFScorer(model.eval()), AutoTokenizer.from_pretrained(str(path))
+
+
+def score_models(models: list[str], pairs: list[PairText], n_ctx: int = 4096, threads: int | None = None,
+                 progress: bool = True) -> dict:
+    from tqdm import tqdm
+
+    report, reference = {"pairs": len(pairs), "models": []}, None
+    for model in models:
+        with open_model(model, n_ctx, threads) as (scorer, tokenizer):
+            results = []
+            for i, pair in enumerate(tqdm(pairs, desc=f"score {Path(model).name}", unit="pair", disable=not progress)):
+                try:
+                    results.append(score_pair(scorer, tokenizer, pair))
+                except ScoreError as err:
+                    raise ScoreError(f"pair {i + 1}: {err}") from None
+        reference = reference or results
+        report["models"].append({"model": str(model), "kind": model_kind(model),
+                                 **summarize(results, reference), "results": results})
+    return report
+
+
+def summary_table(report: dict) -> str:
+    rows = ["| model | pairs | accuracy | mean margin | mean log-odds ratio | agreement with first |",
+            "|---|---|---|---|---|---|"]
+    for m in report["models"]:
+        rows.append(f"| {m['model']} | {m['pairs']} | {m['accuracy']:.3f} | {m['mean_margin']:+.4f} | "
+                    f"{m['mean_log_odds_ratio']:+.4f} | {m['agreement']:.3f} |")
+    return "\n".join(rows)
+
+
+def write_report(report: dict, path: str | Path) -> None:
+    path = Path(path)
+    tmp = path.with_name(path.name + ".partial")
+    tmp.write_text(json.dumps(report, indent=2))
+    tmp.replace(path)

@@ -1,0 +1,229 @@
+"""`orpo serve` over real HTTP (uvicorn on a loopback port): /v1/score against transformers,
+KV reuse against full evaluation, the OpenAI client, API keys, bad input, concurrency."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import socket
+import subprocess
+import time
+
+import httpx
+import llama_cpp
+import numpy as np
+import pytest
+import torch
+from test_cli import BIN, _env
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from orpo_plugin import tiny
+from serve.convert import convert
+from serve.scoring import HFScorer, LlamaCppScorer, PairText, encode_pair, score_ids, score_pair
+
+KEY = "test-key"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+# llama.cpp keeps its KV cache in f16, so even an f32 GGUF is not bit-equal to transformers.
+TOLERANCE = {"f32": 1e-3, "f16": 5e-3}
+PAIRS = [
+    {"prompt": "What is 12 + 30?", "chosen": "12 + 30 = 42", "rejected": "12 + 30 = 43"},
+    {"prompt": [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "Name a prime."},
+                {"role": "assistant", "content": "7"}, {"role": "user", "content": "Another one?"}],
+     "chosen": "Eleven, which is prime.", "rejected": "Nine"},
+    {"prompt": "Raw text, no template:", "chosen": " a plain continuation", "rejected": " nope", "template": False},
+]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    """A Llama-style model (BOS added by its tokenizer, ChatML template) and its f32/f16 GGUFs."""
+    root = tmp_path_factory.mktemp("serve")
+    tokenizer = tiny.build_tokenizer(None, bos_token="<|endoftext|>")
+    tiny.build_model("llama", root / "hf", tokenizer=tokenizer, initializer_range=0.1)
+    return {"hf": root / "hf", **{t: convert(root / "hf", root / f"model-{t}.gguf", t) for t in ("f32", "f16")}}
+
+
+def _start(path, *args, timeout=120):
+    port = _free_port()
+    proc = subprocess.Popen([str(BIN / "orpo"), "serve", str(path), "--port", str(port), "--n-ctx", "512",
+                             "--n-threads", "2", *args], env=_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(proc.stdout.read())
+        try:
+            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                return proc, url
+        except httpx.TransportError:
+            time.sleep(0.2)
+    proc.kill()
+    raise AssertionError("server did not come up")
+
+
+@pytest.fixture(scope="module", params=["f32", "f16"])
+def server(request, model):
+    proc, url = _start(model[request.param], "--api-key", KEY)
+    yield request.param, url
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+def _score(url, body, headers=AUTH):
+    return httpx.post(f"{url}/v1/score", json=body, headers=headers, timeout=60)
+
+
+def test_score_equals_transformers_on_the_same_tokens(server, model):
+    kind, url = server
+    hf = HFScorer(AutoModelForCausalLM.from_pretrained(str(model["hf"]), dtype=torch.float32))
+    tokenizer = AutoTokenizer.from_pretrained(str(model["hf"]))
+    response = _score(url, {"pairs": PAIRS})
+    assert response.status_code == 200, response.text
+    results = response.json()["results"]
+    assert len(results) == len(PAIRS)
+    for body, got in zip(PAIRS, results):
+        want = score_pair(hf, tokenizer, PairText(**body))
+        for side in ("chosen", "rejected"):
+            assert got[side]["n_tokens"] == want[side]["n_tokens"]
+            assert got[side]["avg_logprob"] == pytest.approx(want[side]["avg_logprob"], abs=TOLERANCE[kind])
+            assert got[side]["logprob"] == pytest.approx(want[side]["logprob"], abs=TOLERANCE[kind] * want[side]["n_tokens"])
+        assert got["log_odds_ratio"] == pytest.approx(want["log_odds_ratio"], abs=20 * TOLERANCE[kind])
+        assert got["preferred"] == ("chosen" if got["log_odds_ratio"] > 0 else "rejected")
+    single = _score(url, PAIRS[0]).json()  # one pair in, one result out (no "results" wrapper)
+    assert single["chosen"]["avg_logprob"] == pytest.approx(results[0]["chosen"]["avg_logprob"], abs=1e-9)
+
+
+def test_kv_reuse_equals_full_evaluation(model):
+    """Our reuse (prompt once, answers on top) against llama-cpp-python's own full evaluation of
+    each sequence (Llama.eval with logits_all), and against our own full path."""
+    plain = llama_cpp.Llama(model_path=str(model["f32"]), n_ctx=512, n_batch=8, logits_all=True, n_threads=2,
+                            verbose=False)
+    ours = llama_cpp.Llama(model_path=str(model["f32"]), n_ctx=512, n_batch=8, n_threads=2, verbose=False)
+    tokenizer = AutoTokenizer.from_pretrained(str(model["hf"]))
+    try:
+        for body in PAIRS:
+            prompt, chosen, rejected = encode_pair(tokenizer, PairText(**body))
+            reused = score_ids(LlamaCppScorer(ours), prompt, chosen, rejected)
+            full = score_ids(LlamaCppScorer(ours), prompt, chosen, rejected, reuse_prompt=False)
+            for side, answer in (("chosen", chosen), ("rejected", rejected)):
+                plain.reset()
+                plain.eval(prompt + answer)
+                rows = np.asarray(plain.scores[len(prompt) - 1:len(prompt) + len(answer) - 1], dtype=np.float64)
+                logprobs = rows[np.arange(len(answer)), answer] - np.logaddexp.reduce(rows, axis=-1)
+                assert reused[side]["logprob"] == pytest.approx(float(logprobs.sum()), abs=1e-4)
+                assert reused[side]["logprob"] == pytest.approx(full[side]["logprob"], abs=1e-4)
+    finally:
+        plain.close()
+        ours.close()
+
+
+def test_openai_client_chats(server):
+    import openai
+
+    _, url = server
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key=KEY)
+    reply = client.chat.completions.create(model="x", messages=[{"role": "user", "content": "What is 2 + 3?"}],
+                                           max_tokens=8, temperature=0)
+    assert reply.choices[0].message.role == "assistant" and isinstance(reply.choices[0].message.content, str)
+    assert reply.usage.completion_tokens >= 1
+    stream = client.chat.completions.create(model="x", messages=[{"role": "user", "content": "Hi"}], max_tokens=8,
+                                            stream=True)
+    assert len([chunk for chunk in stream]) >= 2
+    assert [m.id for m in client.models.list()]
+
+
+def test_api_key_guards_every_route_but_health(server):
+    _, url = server
+    assert httpx.get(f"{url}/health").status_code == 200
+    for headers in ({}, {"Authorization": "Bearer wrong"}):
+        assert _score(url, PAIRS[0], headers=headers).status_code == 401
+        assert httpx.get(f"{url}/v1/models", headers=headers).status_code == 401
+        chat = httpx.post(f"{url}/v1/chat/completions", headers=headers,
+                          json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
+        assert chat.status_code == 401
+    assert _score(url, PAIRS[0]).status_code == 200
+
+
+BAD = [
+    (b"{not json", 400, "invalid JSON"),
+    (b"[1, 2]", 422, "body: expected a JSON object"),
+    ({"chosen": "a", "rejected": "b"}, 422, "prompt: missing field"),
+    ({"prompt": "q", "chosen": "", "rejected": "b"}, 422, "chosen: empty"),
+    ({"prompt": "q", "chosen": 3, "rejected": "b"}, 422, "chosen: expected a string, got int"),
+    ({"prompt": "q", "chosen": "a", "rejected": None}, 422, "rejected: null value"),
+    ({"prompt": [{"role": "user"}], "chosen": "a", "rejected": "b"}, 422, "prompt[0]: expected a message"),
+    ({"prompt": [{"role": "robot", "content": "x"}], "chosen": "a", "rejected": "b"}, 422, "unknown role 'robot'"),
+    ({"prompt": [{"role": "user", "content": ["x"]}], "chosen": "a", "rejected": "b"}, 422,
+     "prompt[0].content: expected a string"),
+    ({"prompt": [{"role": "assistant", "content": "x"}], "chosen": "a", "rejected": "b"}, 422, "roles out of order"),
+    ({"prompt": [{"role": "user", "content": "x"}], "chosen": "a", "rejected": "b", "template": False}, 422,
+     "needs the prompt as a string"),
+    ({"prompt": "q", "chosen": "a", "rejected": "b", "template": "no"}, 422, "template: expected true or false"),
+    ({"prompt": "q", "chosen": "a", "rejected": "b", "choosen": "a"}, 422, "choosen: unknown field"),
+    ({"pairs": []}, 422, "pairs: expected a non-empty list"),
+    ({"pairs": "x"}, 422, "pairs: expected a non-empty list"),
+    ({"pairs": [{"prompt": "q", "chosen": "a", "rejected": "b"}] * 65}, 422, "the limit is 64"),
+    ({"pairs": [PAIRS[0], {"prompt": "q", "chosen": "a"}]}, 422, "pairs[1].rejected: missing field"),
+    ({"prompt": "many words " * 400, "chosen": "a", "rejected": "b"}, 422, "but the context holds 512"),
+    (b"x" * (2 << 20), 413, "request body over"),
+]
+
+
+def test_bad_requests_get_a_4xx_that_names_the_problem_and_the_server_keeps_serving(server):
+    _, url = server
+    for body, status, message in BAD:
+        if isinstance(body, bytes):
+            response = httpx.post(f"{url}/v1/score", content=body, headers=AUTH, timeout=60)
+        else:
+            response = _score(url, body)
+        assert response.status_code == status, (body if len(str(body)) < 200 else message, response.text)
+        assert message in response.json()["error"]["message"], response.text
+    assert httpx.get(f"{url}/v1/nowhere", headers=AUTH).status_code == 404
+    assert httpx.get(f"{url}/v1/score", headers=AUTH).status_code == 405
+    assert "error" in httpx.put(f"{url}/health").json()
+    assert _score(url, PAIRS[0]).status_code == 200
+
+
+def test_concurrent_clients_are_served_in_turn(server):
+    """8 clients x 12 mixed requests: no errors, and every score equals the sequential one."""
+    _, url = server
+    expected = _score(url, PAIRS[1]).json()
+
+    def client(i):
+        with httpx.Client(base_url=url, headers=AUTH, timeout=120) as http:
+            out = []
+            for j in range(12):
+                if (i + j) % 3 == 0:
+                    r = http.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": f"hi {j}"}],
+                                                                "max_tokens": 6, "stream": j % 2 == 0})
+                    out.append((r.status_code, None))
+                else:
+                    r = http.post("/v1/score", json=PAIRS[1])
+                    out.append((r.status_code, r.json()))
+            return out
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        results = [r for batch in pool.map(client, range(8)) for r in batch]
+    assert [status for status, _ in results] == [200] * len(results)
+    for _, body in results:
+        if body is not None:
+            assert body["chosen"]["logprob"] == pytest.approx(expected["chosen"]["logprob"], abs=1e-6)
+            assert body["rejected"]["logprob"] == pytest.approx(expected["rejected"]["logprob"], abs=1e-6)
+
+
+def test_a_file_that_is_not_a_loadable_gguf_is_refused_at_startup(tmp_path):
+    junk = tmp_path / "junk.gguf"
+    junk.write_bytes(b"not a model")
+    truncated = tmp_path / "truncated.gguf"
+    truncated.write_bytes(b"GGUF" + b"\0" * 64)
+    for path, message in ((tmp_path / "missing.gguf", "no such file"), (junk, "not a GGUF file"),
+                          (truncated, "llama.cpp could not load it")):
+        proc = subprocess.run([str(BIN / "orpo"), "serve", str(path), "--port", str(_free_port())], env=_env(),
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 1 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
