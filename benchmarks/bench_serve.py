@@ -16,9 +16,6 @@ import argparse
 import concurrent.futures
 import os
 import random
-import socket
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -79,30 +76,6 @@ def transformers_fp32(model_dir: Path, encoded, threads: int) -> float:
     return len(encoded) / (time.perf_counter() - start)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server(path: Path, threads: int):
-    import httpx
-
-    port = _free_port()
-    proc = subprocess.Popen([str(Path(sys.executable).parent / "orpo"), "serve", str(path), "--port", str(port),
-                             "--n-ctx", "1024", "--n-threads", str(threads)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(600):
-        try:
-            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                return proc, url
-        except httpx.TransportError:
-            time.sleep(0.2)
-    proc.kill()
-    raise SystemExit("server did not start")
-
-
 def served(url: str, pairs: list[dict]) -> float:
     import httpx
 
@@ -150,6 +123,7 @@ def main(argv=None):
     from orpo_plugin import tiny
     from serve.convert import convert
     from serve.scoring import PairText, encode_pair
+    from serve.server import running
 
     with tempfile.TemporaryDirectory(prefix="orpo-bench-serve-") as tmp:
         tmp = Path(tmp)
@@ -162,13 +136,9 @@ def main(argv=None):
         encoded = [encode_pair(tokenizer, PairText(**p)) for p in pairs]
         print(f"model: {params / 1e6:.0f}M parameters, q8_0; {args.pairs} pairs, prompt "
               f"{len(encoded[0][0])} tokens, answers {len(encoded[0][1])} tokens; {threads} threads")
-        proc, url = start_server(gguf, threads)
-        try:
+        with running(gguf, "--n-ctx", "1024", "--n-threads", str(threads)) as url:
             ours = served(url, pairs)
             report = load(url, args.clients, args.requests)
-        finally:
-            proc.terminate()
-            proc.wait()
         llama_full = full_sequence_llama_cpp(gguf, encoded, threads)
         hf = transformers_fp32(tmp / "model", encoded, threads)
     prompt, answer = len(encoded[0][0]), len(encoded[0][1])

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -58,30 +57,13 @@ def write_config(out: Path, steps: int | None) -> Path:
     return path
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def serve_once(gguf: Path, pairs: list[dict], questions: list[str], log: Path) -> dict:
     """Start `orpo serve`, score held-out pairs in one batch, ask held-out questions, stop."""
     import httpx
 
-    port = _free_port()
-    with log.open("w") as f:
-        proc = subprocess.Popen([str(BIN / "orpo"), "serve", str(gguf), "--port", str(port), "--n-ctx", "512"],
-                                env=_env(), stdout=f, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(600):
-            if proc.poll() is not None:
-                raise SystemExit(f"demo: `orpo serve` exited; see {log}")
-            try:
-                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.2)
+    from serve.server import running
+
+    with running(gguf, "--n-ctx", "512", env=_env(), log=log) as url:
         score = httpx.post(f"{url}/v1/score", json={"pairs": pairs}, timeout=60)
         score.raise_for_status()
         chats = []
@@ -90,10 +72,7 @@ def serve_once(gguf: Path, pairs: list[dict], questions: list[str], log: Path) -
                 "messages": [{"role": "user", "content": question}], "max_tokens": 24, "temperature": 0})
             chat.raise_for_status()
             chats.append(chat.json()["choices"][0]["message"]["content"])
-        return {"pairs": pairs, "scores": score.json()["results"], "questions": questions, "chats": chats}
-    finally:
-        proc.terminate()
-        proc.wait(timeout=60)
+    return {"pairs": pairs, "scores": score.json()["results"], "questions": questions, "chats": chats}
 
 
 def greedy_answers(model: Path, kind: str, questions: list[str]) -> list[str]:

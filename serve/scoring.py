@@ -44,14 +44,14 @@ class GGUFTokenizer:
         self.eos_token = self._text(self.eos_token_id)
         self.bos_token = self._text(self.bos_token_id) if self.bos_token_id is not None else None
         self.chat_template = llm.metadata.get("tokenizer.chat_template")
-        self._add_bos = llm.metadata.get("tokenizer.ggml.add_bos_token", "false") == "true"
 
     def _text(self, token_id: int) -> str:
         return self.llm.detokenize([token_id], special=True).decode("utf-8", errors="replace")
 
     def __call__(self, texts, add_special_tokens: bool = True):
         one = isinstance(texts, str)
-        ids = [self.llm.tokenize(t.encode(), add_bos=add_special_tokens and self._add_bos, special=True)
+        # llama.cpp adds BOS only where the GGUF says the model wants it (tokenizer.ggml.add_bos_token).
+        ids = [self.llm.tokenize(t.encode(), add_bos=add_special_tokens, special=True)
                for t in ([texts] if one else texts)]
         return {"input_ids": ids[0] if one else ids}
 
@@ -165,14 +165,14 @@ def _answer(logprobs: np.ndarray) -> dict:
 
 
 def score_ids(scorer, prompt: list[int], chosen: list[int], rejected: list[int], reuse_prompt: bool = True) -> dict:
+    import torch
+
     need = len(prompt) + max(len(chosen), len(rejected))
     if need > scorer.n_ctx:
         raise ScoreError(f"the pair needs {need} tokens (prompt {len(prompt)}, longest answer "
                          f"{max(len(chosen), len(rejected))}) but the context holds {scorer.n_ctx}; "
                          f"shorten it or restart with a larger --n-ctx")
     lp_chosen, lp_rejected = scorer.answer_logprobs(prompt, [chosen, rejected], reuse_prompt=reuse_prompt)
-    import torch
-
     c, r = _answer(lp_chosen), _answer(lp_rejected)
     z = float(odds.log_odds_ratio(torch.tensor(c["avg_logprob"]), torch.tensor(r["avg_logprob"])))
     return {"chosen": c, "rejected": r, "log_odds_ratio": z, "preferred": odds.preferred(z)}

@@ -10,6 +10,12 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
 from pathlib import Path
 
 from fastapi import Depends, Request
@@ -95,8 +101,6 @@ def check_gguf(path: str | Path) -> Path:
 
 def create_app(model_path: str | Path, *, api_key: str | None = None, n_ctx: int = 4096, n_threads: int | None = None,
                max_pairs: int = MAX_PAIRS, max_body_bytes: int = MAX_BODY_BYTES):
-    import os
-
     from llama_cpp.server import app as llama_app
     from llama_cpp.server.settings import ModelSettings, ServerSettings
 
@@ -114,7 +118,9 @@ def create_app(model_path: str | Path, *, api_key: str | None = None, n_ctx: int
     @app.middleware("http")
     async def limit_body(request: Request, call_next):
         length = request.headers.get("content-length")
-        if length is not None and (not length.isdigit() or int(length) > max_body_bytes):
+        if length is not None and not length.isdigit():
+            return _error(400, f"invalid Content-Length {length!r}")
+        if length is not None and int(length) > max_body_bytes:
             return _error(413, f"request body over {max_body_bytes} bytes")
         return await call_next(request)
 
@@ -155,3 +161,46 @@ def _score_all(scorer, tokenizer, pairs: list[PairText], batch: bool) -> list[di
         except ScoreError as err:
             raise ScoreError(f"pairs[{i}]: {err}" if batch else str(err)) from None
     return results
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def running(model: str | Path, *args: str, env: dict | None = None, log: Path | None = None, timeout: float = 300):
+    """`orpo serve MODEL ARGS` in a subprocess on a free loopback port for the duration of the
+    block; yields its base URL. For the demo, benchmarks and tests."""
+    import httpx
+
+    own_log = log is None
+    log = Path(tempfile.mkstemp(prefix="orpo-serve-", suffix=".log")[1]) if own_log else Path(log)
+    port = free_port()
+    with log.open("w") as out:
+        proc = subprocess.Popen([str(Path(sys.executable).parent / "orpo"), "serve", str(model), "--port", str(port),
+                                 *args], env=env or os.environ, stdout=out, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + timeout
+        while not _healthy(httpx, url):
+            if proc.poll() is not None or time.time() > deadline:
+                raise RuntimeError(f"`orpo serve {model}` did not come up: {log.read_text()[-3000:]}")
+            time.sleep(0.2)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        if own_log:
+            log.unlink(missing_ok=True)
+
+
+def _healthy(httpx, url: str) -> bool:
+    try:
+        return httpx.get(f"{url}/health", timeout=1).status_code == 200
+    except httpx.TransportError:
+        return False

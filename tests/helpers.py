@@ -120,3 +120,15 @@ def loss_metrics_grads(trainer, model):
 
 def tiny_tokenizer():
     return tiny.build_tokenizer(None)
+
+
+def with_architecture(model_dir, out_dir, name: str):
+    """A copy of a saved model whose config.json names another architecture class."""
+    import json
+    import shutil
+
+    shutil.copytree(model_dir, out_dir)
+    config = json.loads((out_dir / "config.json").read_text())
+    config["architectures"] = [name]
+    (out_dir / "config.json").write_text(json.dumps(config))
+    return out_dir

@@ -3,9 +3,7 @@ wrong conversion (no Q/K permute) is caught by the same check."""
 
 from __future__ import annotations
 
-import json
 import random
-import shutil
 import types
 
 import gguf
@@ -13,6 +11,7 @@ import llama_cpp
 import numpy as np
 import pytest
 import torch
+from helpers import with_architecture
 
 from orpo_plugin import tiny
 from orpo_plugin import plugins
@@ -161,11 +160,7 @@ def test_bad_inputs_and_no_half_written_file(sharp_models, tmp_path, monkeypatch
 
 
 def test_an_architecture_registered_through_the_hook_converts(sharp_models, tmp_path):
-    renamed = tmp_path / "acme"
-    shutil.copytree(sharp_models["llama"], renamed)
-    config = json.loads((renamed / "config.json").read_text())
-    config["architectures"] = ["AcmeLlamaForCausalLM"]
-    (renamed / "config.json").write_text(json.dumps(config))
+    renamed = with_architecture(sharp_models["llama"], tmp_path / "acme", "AcmeLlamaForCausalLM")
     with pytest.raises(ConversionError, match="AcmeLlamaForCausalLM is not supported.*register_architectures"):
         convert(renamed, tmp_path / "x.gguf", "f32")
 

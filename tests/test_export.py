@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 import signal
 import subprocess
 import time
@@ -11,6 +10,7 @@ import time
 import gguf
 import llama_cpp
 import pytest
+from helpers import with_architecture
 from test_cli import BIN, _env, _train, _tiny_config
 from test_merge_quantize import _random_adapter
 
@@ -74,11 +74,7 @@ def test_orpo_merge_and_quantize_and_its_refusals(model_dirs, adapter, tmp_path)
 
 
 def test_unsupported_architecture_names_the_supported_ones(model_dirs, tmp_path):
-    odd = tmp_path / "odd"
-    shutil.copytree(model_dirs["llama"], odd)
-    config = json.loads((odd / "config.json").read_text())
-    config["architectures"] = ["GPTNeoXForCausalLM"]
-    (odd / "config.json").write_text(json.dumps(config))
+    odd = with_architecture(model_dirs["llama"], tmp_path / "odd", "GPTNeoXForCausalLM")
     proc = _orpo("merge-and-quantize", "--base", odd, "--out", tmp_path / "x", "--quant", "f16")
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert "GPTNeoXForCausalLM is not supported; supported: LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM" \

@@ -4,9 +4,7 @@ KV reuse against full evaluation, the OpenAI client, API keys, bad input, concur
 from __future__ import annotations
 
 import concurrent.futures
-import socket
 import subprocess
-import time
 
 import httpx
 import llama_cpp
@@ -19,6 +17,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from orpo_plugin import tiny
 from serve.convert import convert
 from serve.scoring import HFScorer, LlamaCppScorer, PairText, encode_pair, score_ids, score_pair
+from serve.server import free_port, running
 
 KEY = "test-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -33,12 +32,6 @@ PAIRS = [
 ]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
     """A Llama-style model (BOS added by its tokenizer, ChatML template) and its f32/f16 GGUFs."""
@@ -48,31 +41,10 @@ def model(tmp_path_factory):
     return {"hf": root / "hf", **{t: convert(root / "hf", root / f"model-{t}.gguf", t) for t in ("f32", "f16")}}
 
 
-def _start(path, *args, timeout=120):
-    port = _free_port()
-    proc = subprocess.Popen([str(BIN / "orpo"), "serve", str(path), "--port", str(port), "--n-ctx", "512",
-                             "--n-threads", "2", *args], env=_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(proc.stdout.read())
-        try:
-            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                return proc, url
-        except httpx.TransportError:
-            time.sleep(0.2)
-    proc.kill()
-    raise AssertionError("server did not come up")
-
-
 @pytest.fixture(scope="module", params=["f32", "f16"])
 def server(request, model):
-    proc, url = _start(model[request.param], "--api-key", KEY)
-    yield request.param, url
-    proc.terminate()
-    proc.wait(timeout=30)
+    with running(model[request.param], "--api-key", KEY, "--n-ctx", "512", "--n-threads", "2", env=_env()) as url:
+        yield request.param, url
 
 
 def _score(url, body, headers=AUTH):
@@ -224,6 +196,6 @@ def test_a_file_that_is_not_a_loadable_gguf_is_refused_at_startup(tmp_path):
     truncated.write_bytes(b"GGUF" + b"\0" * 64)
     for path, message in ((tmp_path / "missing.gguf", "no such file"), (junk, "not a GGUF file"),
                           (truncated, "llama.cpp could not load it")):
-        proc = subprocess.run([str(BIN / "orpo"), "serve", str(path), "--port", str(_free_port())], env=_env(),
+        proc = subprocess.run([str(BIN / "orpo"), "serve", str(path), "--port", str(free_port())], env=_env(),
                               capture_output=True, text=True, timeout=120)
         assert proc.returncode == 1 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
