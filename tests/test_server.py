@@ -107,6 +107,8 @@ def test_openai_client_chats(server):
     stream = client.chat.completions.create(model="x", messages=[{"role": "user", "content": "Hi"}], max_tokens=8,
                                             stream=True)
     assert len([chunk for chunk in stream]) >= 2
+    completion = client.completions.create(model="x", prompt="Plain text:", max_tokens=4, temperature=0)
+    assert completion.choices[0].finish_reason in ("length", "stop")
     assert [m.id for m in client.models.list()]
 
 
