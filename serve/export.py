@@ -107,7 +107,7 @@ def export(base: str | Path, adapter: str | Path | None, out_dir: str | Path, qu
             else:
                 if intermediate is None:
                     intermediate = convert(model_dir, work / "model-f32.gguf", "f32", progress=True)
-                quantize(intermediate, target, quant, threads=threads)
+                quantize(intermediate, target, quant, threads=threads, progress=True)
             files[quant] = target
             times[f"{quant}_s"] = time.perf_counter() - start
         progress("check: tokenization and log-probs against the merged model")

@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import ctypes
 import os
+import threading
+from contextlib import contextmanager
 from pathlib import Path
 
 import llama_cpp
+from tqdm import tqdm
 
 # Names users pass (--quant) -> llama.cpp file types. The i-quants (iq*) need an importance
 # matrix and are not offered. f16/bf16/q8_0 are also written directly by serve.convert.
@@ -22,7 +25,30 @@ class QuantizeError(ValueError):
     pass
 
 
-def quantize(src: str | Path, dst: str | Path, quant: str, threads: int | None = None) -> Path:
+@contextmanager
+def _bytes_written(path: Path, desc: str, enabled: bool):
+    """A progress bar of the bytes llama.cpp has written so far (its quantizer has no callback)."""
+    if not enabled:
+        yield
+        return
+    done = threading.Event()
+
+    def watch(bar):
+        while not done.wait(0.2):
+            bar.n = path.stat().st_size if path.exists() else 0
+            bar.refresh()
+
+    with tqdm(desc=desc, unit="B", unit_scale=True) as bar:
+        thread = threading.Thread(target=watch, args=(bar,), daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            done.set()
+            thread.join()
+
+
+def quantize(src: str | Path, dst: str | Path, quant: str, threads: int | None = None, progress: bool = False) -> Path:
     """Quantize src (a GGUF of f32/f16/bf16 weights) to dst as `quant` (e.g. q4_k_m, q6_k).
     Written under a temporary name and renamed: no truncated file under the final name."""
     quant = quant.lower()
@@ -34,7 +60,8 @@ def quantize(src: str | Path, dst: str | Path, quant: str, threads: int | None =
     params.ftype = QUANT_TYPES[quant]
     params.nthread = threads or os.cpu_count() or 1
     try:
-        status = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), ctypes.byref(params))
+        with _bytes_written(tmp, f"quantize {quant}", progress):
+            status = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), ctypes.byref(params))
         if status != 0:
             raise QuantizeError(f"llama.cpp could not quantize {src} to {quant} (status {status})")
         os.replace(tmp, dst)

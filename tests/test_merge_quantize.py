@@ -58,11 +58,12 @@ def test_merge_errors_name_the_problem(model_dirs, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_q4_k_m_writes_real_k_quant_tensors_and_keeps_the_template(tmp_path):
+def test_q4_k_m_writes_real_k_quant_tensors_and_keeps_the_template(tmp_path, capsys):
     """256-wide rows: smaller ones make llama.cpp fall back (Q4_K -> Q5_0)."""
     tiny.build_model("llama", tmp_path / "m", hidden_size=256, intermediate_size=512, num_attention_heads=4)
     f16 = convert(tmp_path / "m", tmp_path / "model-f16.gguf", "f16")
-    out = quantize(f16, tmp_path / "model-q4_k_m.gguf", "q4_k_m", threads=2)
+    out = quantize(f16, tmp_path / "model-q4_k_m.gguf", "q4_k_m", threads=2, progress=True)
+    assert "quantize q4_k_m" in capsys.readouterr().err  # the progress bar
     reader = gguf.GGUFReader(str(out))
     kinds = {t.tensor_type for t in reader.tensors}
     assert gguf.GGMLQuantizationType.Q4_K in kinds
