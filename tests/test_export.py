@@ -73,6 +73,20 @@ def test_orpo_merge_and_quantize_and_its_refusals(model_dirs, adapter, tmp_path)
     assert missing.returncode == 1 and "no adapter_config.json" in missing.stderr
 
 
+@pytest.mark.parametrize("arch", ["llama", "llama-tied", "mistral", "qwen2"])
+def test_a_random_lora_on_each_fixture_is_merged_and_exported_faithfully(arch, model_dirs, tmp_path):
+    from serve.export import export
+
+    adapter = _random_adapter(model_dirs[arch], tmp_path / "adapter")
+    report = export(model_dirs[arch], adapter, tmp_path / "out", ["f32", "q8_0"], progress=lambda msg: None)
+    for quant, max_kl in (("f32", 1e-6), ("q8_0", 1e-3)):
+        assert report["models"][quant]["tokens_identical"], quant
+        assert report["models"][quant]["mean_kl"] < max_kl, (quant, report["models"][quant])
+    plain = export(model_dirs[arch], None, tmp_path / "plain", ["f32"], progress=lambda msg: None)
+    assert plain["models"]["f32"]["mean_kl"] < 1e-6  # and the adapter really moved the model:
+    assert (tmp_path / "out" / "model-f32.gguf").read_bytes() != (tmp_path / "plain" / "model-f32.gguf").read_bytes()
+
+
 def test_unsupported_architecture_names_the_supported_ones(model_dirs, tmp_path):
     odd = with_architecture(model_dirs["llama"], tmp_path / "odd", "GPTNeoXForCausalLM")
     proc = _orpo("merge-and-quantize", "--base", odd, "--out", tmp_path / "x", "--quant", "f16")

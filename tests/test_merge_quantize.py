@@ -28,6 +28,7 @@ def _random_adapter(model_dir, out_dir, seed=0, targets=("q_proj", "v_proj", "do
     ("llama", ("q_proj", "v_proj", "down_proj")),
     ("llama-tied", ("q_proj", "v_proj", "down_proj")),
     ("qwen2", ("q_proj", "v_proj", "down_proj")),
+    ("mistral", ("q_proj", "k_proj", "o_proj", "gate_proj")),
     # An adapter on one side of a tied pair: the merged model must untie, not move both.
     ("llama-tied", ("q_proj", "lm_head")),
     ("qwen2", ("embed_tokens", "v_proj")),
