@@ -39,7 +39,7 @@ test: setup
 tiny: setup
 	$(BIN)/python -m orpo_plugin.tiny build/tiny
 
-# Train the embedded default with the plugin (about 20 s on 2 CPU cores).
+# Train the embedded default with the plugin (about 45 s on 2 CPU cores; `make demo` does more).
 train-tiny: tiny
 	$(BIN)/axolotl train example_configs/tiny-cpu.yml
 
