@@ -154,20 +154,27 @@ def _unwrap(model):
     return model
 
 
-LOG_HISTORY = "orpo_log_history.json"
+LOG_HISTORY = "orpo_log_history.jsonl"
 
 
 class LogHistoryWriter(TrainerCallback):
-    """Keeps OUTPUT_DIR/orpo_log_history.json current on every log (what `orpo plot` reads):
-    runs with save_strategy "no" write no trainer_state.json, and a cut-short run still has its curve."""
+    """OUTPUT_DIR/orpo_log_history.jsonl, one line per log entry, appended as training logs
+    (what `orpo plot` reads): runs with save_strategy "no" write no trainer_state.json, and a
+    cut-short run still has its curve. Appending keeps each log O(1) however long the run."""
+
+    def _path(self, args) -> Path:
+        return Path(args.output_dir) / LOG_HISTORY
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:  # a fresh file, holding what a resumed run already logged
+            path = self._path(args)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text("".join(json.dumps(entry) + "\n" for entry in state.log_history))
 
     def on_log(self, args, state, control, **kwargs):
-        if state.is_world_process_zero:
-            path = Path(args.output_dir) / LOG_HISTORY
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(path.name + ".partial")
-            tmp.write_text(json.dumps(state.log_history, indent=1))
-            tmp.replace(path)
+        if state.is_world_process_zero and state.log_history:
+            with self._path(args).open("a") as f:
+                f.write(json.dumps(state.log_history[-1]) + "\n")
 
 
 class OrpoTrainer(AxolotlTrainer):

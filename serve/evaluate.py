@@ -9,7 +9,8 @@ import os
 from contextlib import contextmanager
 from pathlib import Path
 
-from serve.scoring import GGUFTokenizer, HFScorer, LlamaCppScorer, PairText, ScoreError, score_pair, summarize
+from serve.scoring import (GGUFTokenizer, HFScorer, LlamaCppScorer, PairText, ScoreError, is_gguf, score_pair,
+                           summarize)
 
 
 def load_pairs(path: str | Path, on_bad_row: str = "error", limit: int | None = None) -> list[PairText]:
@@ -30,7 +31,7 @@ def load_pairs(path: str | Path, on_bad_row: str = "error", limit: int | None = 
 
 def model_kind(path: str | Path) -> str:
     path = Path(path)
-    if path.is_file() and path.open("rb").read(4) == b"GGUF":
+    if is_gguf(path):
         return "gguf"
     if (path / "adapter_config.json").is_file():
         return "adapter"
@@ -75,6 +76,7 @@ def score_models(models: list[str], pairs: list[PairText], n_ctx: int = 4096, th
 
     report, reference = {"pairs": len(pairs), "models": []}, None
     for model in models:
+        kind = model_kind(model)
         with open_model(model, n_ctx, threads) as (scorer, tokenizer):
             results = []
             for i, pair in enumerate(tqdm(pairs, desc=f"score {Path(model).name}", unit="pair", disable=not progress)):
@@ -83,7 +85,7 @@ def score_models(models: list[str], pairs: list[PairText], n_ctx: int = 4096, th
                 except ScoreError as err:
                     raise ScoreError(f"pair {i + 1}: {err}") from None
         reference = reference or results
-        report["models"].append({"model": str(model), "kind": model_kind(model),
+        report["models"].append({"model": str(model), "kind": kind,
                                  **summarize(results, reference), "results": results})
     return report
 

@@ -1,6 +1,6 @@
 """`orpo plot OUTPUT_DIR`: the training curves of an ORPO run as one PNG (headless).
 
-Reads OUTPUT_DIR/orpo_log_history.json (the plugin keeps it current during training), or the
+Reads OUTPUT_DIR/orpo_log_history.jsonl (the plugin appends to it during training), or the
 newest checkpoint-*/trainer_state.json, which also covers runs of Axolotl's `rl: orpo`: TRL
 logs the same metric names.
 """
@@ -24,14 +24,21 @@ class PlotError(ValueError):
 
 def log_history(output_dir: str | Path) -> list[dict]:
     output_dir = Path(output_dir)
-    ours = output_dir / "orpo_log_history.json"
-    if ours.is_file():
-        return json.loads(ours.read_text())
+    ours = output_dir / "orpo_log_history.jsonl"
+    if ours.is_file():  # a line cut short by a killed run is skipped
+        return [entry for line in ours.read_text().splitlines() if (entry := _entry(line)) is not None]
     states = sorted(output_dir.glob("checkpoint-*/trainer_state.json"), key=lambda p: int(p.parent.name.split("-")[-1]))
     if states:
         return json.loads(states[-1].read_text())["log_history"]
-    raise PlotError(f"{output_dir}: no orpo_log_history.json and no checkpoint-*/trainer_state.json; pass the "
+    raise PlotError(f"{output_dir}: no orpo_log_history.jsonl and no checkpoint-*/trainer_state.json; pass the "
                     f"output_dir of a training run")
+
+
+def _entry(line: str) -> dict | None:
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError:
+        return None
 
 
 def series(history: list[dict], key: str) -> tuple[list[int], list[float]]:

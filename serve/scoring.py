@@ -10,11 +10,21 @@ each answer is decoded on top of it.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
 from orpo_plugin import odds
 from orpo_plugin.pairs import encode_prompts, encode_responses
+
+
+def is_gguf(path: str | Path) -> bool:
+    """A file that starts with GGUF's magic bytes."""
+    path = Path(path)
+    if not path.is_file():
+        return False
+    with path.open("rb") as f:
+        return f.read(4) == b"GGUF"
 
 
 class ScoreError(ValueError):

@@ -24,7 +24,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
 from orpo_plugin.formats import BadRow, check_prompt_order, messages, text
-from serve.scoring import GGUFTokenizer, LlamaCppScorer, PairText, ScoreError, score_pair
+from serve.scoring import GGUFTokenizer, LlamaCppScorer, PairText, ScoreError, is_gguf, score_pair
 
 MAX_PAIRS = 64  # per /v1/score request
 MAX_BODY_BYTES = 1 << 20
@@ -92,10 +92,9 @@ def check_gguf(path: str | Path) -> Path:
     path = Path(path)
     if not path.is_file():
         raise ServeError(f"{path}: no such file; pass a .gguf written by `orpo merge-and-quantize`")
-    with path.open("rb") as f:
-        if f.read(4) != b"GGUF":
-            raise ServeError(f"{path}: not a GGUF file (no GGUF magic); pass a .gguf written by "
-                             f"`orpo merge-and-quantize`")
+    if not is_gguf(path):
+        raise ServeError(f"{path}: not a GGUF file (no GGUF magic); pass a .gguf written by "
+                         f"`orpo merge-and-quantize`")
     return path
 
 

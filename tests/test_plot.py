@@ -15,7 +15,8 @@ HISTORY = [dict({"step": s, "loss": 5 - s / 10, "nll_loss": 4 - s / 10, "logps/c
 
 
 def test_plot_from_the_plugins_log_history(tmp_path):
-    (tmp_path / "orpo_log_history.json").write_text(json.dumps(HISTORY))
+    lines = [json.dumps(entry) for entry in HISTORY]
+    (tmp_path / "orpo_log_history.jsonl").write_text("\n".join(lines) + '\n{"step": 11, "lo')  # cut short
     png = plot(tmp_path)
     assert png == tmp_path / "orpo_training.png" and png.read_bytes()[:4] == b"\x89PNG"
     assert not list(tmp_path.glob("*.partial*"))
@@ -33,4 +34,4 @@ def test_plot_falls_back_to_the_newest_checkpoint_and_explains_an_empty_dir(tmp_
     empty.mkdir()
     proc = subprocess.run([str(BIN / "orpo"), "plot", str(empty)], env=_env(), capture_output=True, text=True,
                           timeout=120)
-    assert proc.returncode == 1 and "no orpo_log_history.json" in proc.stderr and "Traceback" not in proc.stderr
+    assert proc.returncode == 1 and "no orpo_log_history.jsonl" in proc.stderr and "Traceback" not in proc.stderr
