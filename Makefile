@@ -6,17 +6,11 @@ STAMP   := $(VENV)/.installed
 # llama-cpp-python compiles from source; pip keeps the built wheel in its cache,
 # so only the first setup on a machine pays for the compile.
 export CMAKE_ARGS ?= -DLLAVA_BUILD=OFF
-# Axolotl's default launcher runs `accelerate` from PATH: use the venv's.
-export PATH := $(abspath $(BIN)):$(PATH)
-# Offline, quiet runs: nothing is ever downloaded at run time.
-export HF_HUB_OFFLINE=1
-export HF_DATASETS_OFFLINE=1
-export WANDB_MODE=disabled
-export AXOLOTL_DO_NOT_TRACK=1
-export DO_NOT_TRACK=1
-export TOKENIZERS_PARALLELISM=false
+# Offline, quiet runs (nothing is ever downloaded at run time), with the venv's tools first on PATH:
+# the variables are defined once, in orpo_demo/env.py.
+RUN     = env $$($(BIN)/python -m orpo_demo.env) PATH=$(abspath $(BIN)):$$PATH
 
-.PHONY: setup demo test tiny train-tiny bench clean
+.PHONY: setup go demo test tiny train-tiny bench clean
 
 setup: $(STAMP)
 
@@ -28,29 +22,34 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $(STAMP)
 
+# The tests render Ollama Modelfile templates with Go's own text/template (Debian's golang-go).
+go:
+	@command -v go >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq golang-go; }
+
 # The whole job on the embedded default: build, train, export, serve, score, plot, summary.
 demo: setup
-	$(BIN)/python -m serve.demo --out build/demo
+	$(RUN) $(BIN)/python -m orpo_demo --out build/demo
 
-test: setup
-	$(BIN)/python -m pytest -q
+test: setup go
+	$(RUN) $(BIN)/python -m pytest -q
 
 # The embedded tiny model and data used by example_configs/tiny-cpu.yml.
 tiny: setup
-	$(BIN)/python -m orpo_plugin.tiny build/tiny
+	$(RUN) $(BIN)/python -m orpo_demo.build build/tiny
 
 # Train the embedded default with the plugin (about 45 s on 2 CPU cores; `make demo` does more).
 train-tiny: tiny
-	$(BIN)/axolotl train example_configs/tiny-cpu.yml
+	$(RUN) $(BIN)/axolotl train example_configs/tiny-cpu.yml
 
 bench: setup
 	mkdir -p build
-	$(BIN)/python benchmarks/bench_train_step.py --json build/bench_train_step.json
-	$(BIN)/python benchmarks/bench_data.py
-	$(BIN)/python benchmarks/bench_prefix_sharing.py
-	$(BIN)/python benchmarks/bench_export.py
-	$(BIN)/python benchmarks/bench_serve.py
-	$(BIN)/python benchmarks/bench_orpo_vs_sft.py
+	$(RUN) $(BIN)/python benchmarks/bench_train_step.py --json build/bench_train_step.json
+	$(RUN) $(BIN)/python benchmarks/bench_data.py
+	$(RUN) $(BIN)/python benchmarks/bench_prefix_sharing.py
+	$(RUN) $(BIN)/python benchmarks/bench_export.py
+	$(RUN) $(BIN)/python benchmarks/bench_serve.py
+	$(RUN) $(BIN)/python benchmarks/bench_orpo_vs_sft.py
+	$(RUN) $(BIN)/python benchmarks/bench_cli.py
 
 clean:
 	rm -rf build outputs last_run_prepared .pytest_cache

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import subprocess
 import sys
@@ -42,7 +41,7 @@ def worker(impl: str, data: Path, work: Path) -> dict:
     sys.path.insert(0, str(ROOT / "tests"))
     from helpers import build_trainer, load_model, make_cfg
 
-    from orpo_plugin import tiny
+    import tiny
 
     tokenizer = tiny.build_tokenizer(work / "model")
     tiny.build_model("llama", work / "model", tokenizer=tokenizer)
@@ -69,8 +68,9 @@ def worker(impl: str, data: Path, work: Path) -> dict:
 
 def run(impl: str, data: Path) -> dict:
     with tempfile.TemporaryDirectory(prefix="orpo-bench-data-") as work:
-        env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", WANDB_MODE="disabled",
-                   AXOLOTL_DO_NOT_TRACK="1", TOKENIZERS_PARALLELISM="false", HF_DATASETS_CACHE=f"{work}/cache")
+        from orpo_demo.env import offline_env
+
+        env = dict(offline_env(), HF_DATASETS_CACHE=f"{work}/cache")
         out = subprocess.run([sys.executable, __file__, "--worker", impl, "--data", str(data), "--work", work],
                              env=env, capture_output=True, text=True)
     if out.returncode != 0:

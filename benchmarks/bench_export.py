@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))  # the test fixtures (tiny models)
 SHAPE = dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12,
              num_key_value_heads=4, vocab_size=32000)
 
@@ -67,7 +68,7 @@ def main():
     if len(sys.argv) == 5 and sys.argv[1] == "--stage":
         print(json.dumps(stage(*sys.argv[2:])))
         return
-    from orpo_plugin import tiny
+    import tiny
 
     with tempfile.TemporaryDirectory(prefix="orpo-bench-export-") as tmp:
         tmp = Path(tmp)
@@ -75,7 +76,9 @@ def main():
         params = sum(p.numel() for p in model.parameters())
         del model
         on_disk = sum(f.stat().st_size for f in (tmp / "model").glob("*.safetensors")) / 2**20
-        env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+        from orpo_demo.env import offline_env
+
+        env = offline_env()
         rows = []
         for kind, src, dst in (("f32", tmp / "model", tmp / "m-f32.gguf"), ("f16", tmp / "model", tmp / "m-f16.gguf"),
                                ("q8_0", tmp / "model", tmp / "m-q8_0.gguf"),

@@ -22,11 +22,11 @@ from pathlib import Path
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
 
 
 def train(kind: str, alpha: float | None, work: Path, tiny_dir: Path, steps: int, every: int) -> Path:
-    from serve.demo import BIN, _env
+    from orpo_demo.env import BIN, offline_env
 
     cfg = yaml.safe_load((ROOT / "example_configs" / "tiny-cpu.yml").read_text())
     cfg.update(base_model=str(tiny_dir / "model"), output_dir=str(work / kind), max_steps=steps,
@@ -49,7 +49,7 @@ def train(kind: str, alpha: float | None, work: Path, tiny_dir: Path, steps: int
         cfg["datasets"][0]["path"] = str(tiny_dir / "data" / "train.jsonl")
     config = work / f"{kind}.yml"
     config.write_text(yaml.safe_dump(cfg))
-    proc = subprocess.run([str(BIN / "axolotl"), "train", str(config), "--launcher", "python"], cwd=work, env=_env(),
+    proc = subprocess.run([str(BIN / "axolotl"), "train", str(config), "--launcher", "python"], cwd=work, env=offline_env(),
                           capture_output=True, text=True)
     if proc.returncode:
         raise SystemExit(proc.stdout[-3000:] + proc.stderr[-3000:])
@@ -81,7 +81,7 @@ def main(argv=None):
                         help="ORPO's lambda (orpo_alpha); repeat for several [default: 0.1 and 1.0]")
     args = parser.parse_args(argv)
     runs = {"SFT": ("sft", None)} | {f"ORPO λ={a:g}": (f"orpo-{a:g}", a) for a in (args.alpha or [0.1, 1.0])}
-    from orpo_plugin import tiny
+    import tiny
     from serve.evaluate import load_pairs
 
     with tempfile.TemporaryDirectory(prefix="orpo-vs-sft-") as work:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import os
+import sys
 import random
 import tempfile
 import time
@@ -23,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))  # the test fixtures (tiny models)
 SHAPE = dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12,
              num_key_value_heads=4)
 
@@ -120,10 +122,10 @@ def main(argv=None):
     threads = os.cpu_count() or 1
     from transformers import AutoTokenizer
 
-    from orpo_plugin import tiny
+    import tiny
     from serve.convert import convert
     from serve.scoring import PairText, encode_pair
-    from serve.server import running
+    from orpo_demo.serving import running
 
     with tempfile.TemporaryDirectory(prefix="orpo-bench-serve-") as tmp:
         tmp = Path(tmp)

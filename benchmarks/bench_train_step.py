@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import statistics
 import subprocess
@@ -109,7 +108,7 @@ def worker(impl: str, vocab: int, hidden: int, steps: int, seq: int, pairs_per_s
     from helpers import build_trainer, load_model, make_cfg
     from transformers import TrainerCallback
 
-    from orpo_plugin import tiny
+    import tiny
 
     torch.manual_seed(0)
     work = Path(tempfile.mkdtemp(prefix="orpo-bench-"))
@@ -152,9 +151,9 @@ def run_one(impl, vocab, args, prompt_tokens=None, answer_tokens=None) -> dict:
            "--layers", str(args.layers)]
     if prompt_tokens:
         cmd += ["--prompt-tokens", str(prompt_tokens), "--answer-tokens", str(answer_tokens)]
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", WANDB_MODE="disabled",
-               AXOLOTL_DO_NOT_TRACK="1", TOKENIZERS_PARALLELISM="false")
-    out = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    from orpo_demo.env import offline_env
+
+    out = subprocess.run(cmd, env=offline_env(), capture_output=True, text=True)
     if out.returncode != 0:
         raise SystemExit(f"benchmark worker failed ({impl}, vocab {vocab}):\n{out.stderr[-4000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])

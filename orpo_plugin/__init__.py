@@ -8,14 +8,34 @@
       - path: data/prefs.jsonl
         ds_type: json
         type: orpo_plugin.preference
+
+Importing this package is cheap: the Axolotl-facing names (OrpoPlugin, OrpoArgs, the
+`preference` dataset strategy, PreferenceLoss) load on first access, so `orpo` commands and
+third-party plugins that only need the core never import Axolotl or torch.
 """
 
-from orpo_plugin.args import OrpoArgs
-from orpo_plugin.datasets import preference
-from orpo_plugin.formats import Pair, PreferenceFormat
-from orpo_plugin.hookspecs import hookimpl
-from orpo_plugin.losses import PreferenceLoss
-from orpo_plugin.plugin import OrpoPlugin
+from importlib import import_module
 
-# `type: orpo_plugin.preference`: Axolotl resolves dataset strategies as <module>.<function>.
+from orpo_plugin.core.formats import Pair, PreferenceFormat
+from orpo_plugin.core.hookspecs import hookimpl
+
+_LAZY = {
+    "OrpoPlugin": "orpo_plugin.plugin",
+    "OrpoArgs": "orpo_plugin.args",
+    # `type: orpo_plugin.preference`: Axolotl resolves dataset strategies as <module>.<function>.
+    "preference": "orpo_plugin.datasets",
+    "PreferenceLoss": "orpo_plugin.losses",
+}
 __all__ = ["OrpoArgs", "OrpoPlugin", "Pair", "PreferenceFormat", "PreferenceLoss", "hookimpl", "preference"]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        value = getattr(import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'orpo_plugin' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))

@@ -82,7 +82,7 @@ class OrpoArgs(BaseModel):
     @field_validator("orpo_loss")
     @classmethod
     def check_orpo_loss(cls, value):
-        from orpo_plugin.plugins import get_losses
+        from orpo_plugin.losses import get_losses
 
         if value is not None and value not in get_losses():
             raise ValueError(f"orpo_loss {value!r} is not registered; available: "

@@ -3,7 +3,7 @@
 `type: orpo_plugin.preference` rows are read here (so a bad row is reported with its file,
 line, field and reason), their format is detected among the registered formats, and each
 pair is rendered with the chat template and tokenized exactly as the trainer and the
-serving side expect (pairs.py). Entries with Axolotl's own types (chat_template.argilla)
+serving side expect (core.tokenize). Entries with Axolotl's own types (chat_template.argilla)
 go through Axolotl's transform, then the same tokenization.
 """
 
@@ -14,45 +14,19 @@ import json
 import math
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from axolotl.utils.logging import get_logger
 
-from orpo_plugin import plugins
-from orpo_plugin.formats import REASONS, BadRow, Pair, PreferenceFormat
-from orpo_plugin.pairs import TRUNCATED, drop_unfit, encode_string_pairs
+from orpo_plugin.core.atomic import atomic_path
+from orpo_plugin.core.formats import BadRow, OrpoDataError, get_formats
+from orpo_plugin.core.rows import DatasetReport, apply_field_map, detect_format, is_local_file, normalize_rows, \
+    present, read_local_rows
+from orpo_plugin.core.tokenize import NOTE, PAIR_COLUMNS, TRUNCATED, encode_pairs, render_prompt
 
 LOG = get_logger(f"axolotl.{__name__}")  # Axolotl shows INFO only from axolotl.* loggers
 STRATEGY_PREFIX = "orpo_plugin."
 FIELD_KEYS = ("field_prompt", "field_chosen", "field_rejected", "field_system", "field_question")
-
-
-class OrpoDataError(ValueError):
-    """Bad input data: the message names the dataset, the row, the field and the fix."""
-
-
-@dataclass
-class DatasetReport:
-    source: str
-    format: str = ""
-    rows: int = 0
-    skipped: Counter = field(default_factory=Counter)
-    notes: Counter = field(default_factory=Counter)
-
-    def summary(self) -> str:
-        kept = self.rows - sum(self.skipped.values()) - sum(
-            n for note, n in self.notes.items() if note not in ("", TRUNCATED))
-        parts = [f"orpo_plugin: {self.source} [{self.format}]: {self.rows} rows -> {kept} pairs"]
-        if self.skipped:
-            detail = ", ".join(f"{REASONS.get(r, r)}: {n}" for r, n in sorted(self.skipped.items()))
-            parts.append(f"skipped {sum(self.skipped.values())} bad rows ({detail})")
-        dropped = {n: c for n, c in self.notes.items() if n not in ("", TRUNCATED)}
-        if dropped:
-            parts.append("dropped " + ", ".join(f"{c} ({n})" for n, c in dropped.items()))
-        if self.notes.get(TRUNCATED):
-            parts.append(f"truncated {self.notes[TRUNCATED]} to sequence_len")
-        return "; ".join(parts)
 
 
 def is_ours(ds_cfg) -> bool:
@@ -75,39 +49,11 @@ def split_field_maps(cfg: dict) -> None:
 
 
 # -- reading ----------------------------------------------------------------------------
-def _local_json_rows(path: Path) -> Iterator[tuple[str, dict | BadRow]]:
-    text = path.read_text(encoding="utf-8")
-    if path.suffix == ".json" and text.lstrip().startswith("["):
-        try:
-            rows = json.loads(text)
-        except json.JSONDecodeError as err:
-            yield f"line {err.lineno}", BadRow("(file)", "invalid_json", f"invalid JSON: {err.msg}")
-            return
-        for i, row in enumerate(rows):
-            yield f"row {i}", row
-        return
-    index = 0
-    for lineno, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        where = f"row {index} (line {lineno})"
-        index += 1
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            yield where, BadRow("(line)", "invalid_json", f"invalid JSON: {err.msg} at column {err.colno}")
-            continue
-        yield where, row
-
-
 def read_rows(ds_cfg, cfg) -> Iterator[tuple[str, dict | BadRow]]:
-    """(where, row) for every row; a row that is not valid JSON comes as a BadRow."""
-    path = Path(str(ds_cfg["path"]))
-    if path.is_file() and path.suffix in (".jsonl", ".json"):
-        for where, row in _local_json_rows(path):
-            if not isinstance(row, (dict, BadRow)):
-                row = BadRow("(line)", "invalid_json", f"expected a JSON object, got {type(row).__name__}")
-            yield where, row
+    """(where, row) for every row: local files through the core reader (a bad line is named by
+    its number), hub ids and directories through Axolotl's loader."""
+    if is_local_file(ds_cfg["path"]):
+        yield from read_local_rows(ds_cfg["path"])
         return
     for i, row in enumerate(load_with_axolotl(ds_cfg, cfg)):
         yield f"row {i}", present(row)
@@ -119,62 +65,6 @@ def load_with_axolotl(ds_cfg, cfg):
 
     dataset = load_dataset_with_config(ds_cfg, cfg.hf_use_auth_token, streaming=False)
     return dataset[ds_cfg.get("split") or "train"] if hasattr(dataset, "keys") else dataset
-
-
-def present(row: dict) -> dict:
-    """Arrow tables give every row every column, None where a row had none: drop those so
-    shape detection sees the row's own fields."""
-    return {k: v for k, v in row.items() if v is not None}
-
-
-# -- checking and normalizing -----------------------------------------------------------
-def apply_field_map(row: dict, field_map: dict) -> dict:
-    """Rename mapped columns (field_prompt: instruction -> {"prompt": row["instruction"]})."""
-    if not field_map:
-        return row
-    row = dict(row)
-    for target, column in field_map.items():
-        if column in row:
-            row[target] = row.pop(column)
-    return row
-
-
-def detect_format(row: dict, formats: dict[str, PreferenceFormat], source: str) -> PreferenceFormat:
-    matches = [fmt for fmt in formats.values() if fmt.detect(row)]
-    if len(matches) == 1:
-        return matches[0]
-    shapes = "\n".join(f"  - {f.name}: {f.shape}" for f in formats.values())
-    found = ", ".join(sorted(row)) or "(none)"
-    if matches:
-        raise OrpoDataError(
-            f"{source}: the rows fit several formats ({', '.join(f.name for f in matches)}); "
-            f"columns found: {found}. Rename or map the columns (field_prompt, field_chosen, "
-            f"field_rejected, field_system) so that one shape applies:\n{shapes}")
-    raise OrpoDataError(
-        f"{source}: cannot tell the preference format; columns found: {found}. Accepted shapes:\n"
-        f"{shapes}\nMap other column names in the dataset entry, e.g. field_prompt: question, "
-        f"field_chosen: good, field_rejected: bad.")
-
-
-def normalize_rows(rows, formats, field_map: dict, source: str, on_bad_row: str,
-                   report: DatasetReport, skip_hint: str = "set `orpo_on_bad_row: skip`") -> list[Pair]:
-    pairs, fmt = [], None
-    for where, row in rows:
-        report.rows += 1
-        try:
-            if isinstance(row, BadRow):
-                raise row
-            row = apply_field_map(row, field_map)
-            fmt = fmt or detect_format(row, formats, source)
-            report.format = fmt.name
-            pairs.append(fmt.to_pair(row))
-        except BadRow as bad:
-            if on_bad_row != "skip":
-                raise OrpoDataError(
-                    f"{source} {where}: {bad}. Fix the row, or {skip_hint} to drop such rows (they are "
-                    f"counted and reported).") from None
-            report.skipped[bad.reason] += 1
-    return pairs
 
 
 def chat_template(cfg, ds_cfg, tokenizer) -> str:
@@ -189,44 +79,37 @@ def chat_template(cfg, ds_cfg, tokenizer) -> str:
         f"llama3) or `chat_template_jinja:` in the config.")
 
 
-def render_and_encode(batch, tokenizer, template: str, max_length):
-    """datasets.map(batched=True) body: render each prompt with the generation prompt, then
-    the same tokenization as every other path (pairs.encode_string_pairs)."""
-    prompts = [render_prompt(tokenizer, template, m) for m in batch["prompt"]]
-    return encode_string_pairs(dict(batch, prompt=prompts), tokenizer, max_length)
-
-
-def render_prompt(tokenizer, template: str, messages: list[dict]) -> str:
-    from jinja2 import TemplateError
-
-    try:
-        return tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False,
-                                             add_generation_prompt=True)
-    except TemplateError as err:
-        raise OrpoDataError(f"the chat template cannot render these messages ({err}); check that "
-                            f"`chat_template` suits this tokenizer") from None
+def tokenize_dataset(dataset, tokenizer, max_length: int | None, num_proc: int | None = None,
+                     template: str | None = None, desc: str = "ORPO: tokenizing pairs"):
+    """The one way pairs enter training: rows of prompt (rendered text, or chat messages rendered
+    with `template`), chosen and rejected strings -> PAIR_COLUMNS through core.tokenize, then the
+    pairs that cannot fit sequence_len dropped. Already tokenized datasets pass through.
+    Returns (dataset, Counter of notes over all pairs)."""
+    if all(c in dataset.column_names for c in PAIR_COLUMNS):
+        return dataset, Counter()
+    tokenized = dataset.map(
+        encode_pairs, batched=True, remove_columns=dataset.column_names, num_proc=num_proc, desc=desc,
+        fn_kwargs={"tokenizer": tokenizer, "max_length": max_length, "template": template})
+    notes = Counter(tokenized[NOTE])
+    kept = tokenized.filter(lambda n: n in ("", TRUNCATED), input_columns=NOTE, num_proc=num_proc)
+    return kept.remove_columns(NOTE), notes
 
 
 # -- one split --------------------------------------------------------------------------
 def _ours(cfg, ds_cfg, field_map, tokenizer, report: DatasetReport):
     from datasets import Dataset
 
-    pairs = normalize_rows(read_rows(ds_cfg, cfg), plugins.get_formats(), field_map, report.source,
+    pairs = normalize_rows(read_rows(ds_cfg, cfg), get_formats(), field_map, report.source,
                            cfg.orpo_on_bad_row or "error", report)
     if not pairs:
         raise OrpoDataError(f"{report.source}: no usable pairs ({report.rows} rows read).")
     table = Dataset.from_dict({"prompt": [p.prompt for p in pairs], "chosen": [p.chosen for p in pairs],
                                "rejected": [p.rejected for p in pairs]})
-    return table.map(
-        render_and_encode, batched=True, remove_columns=table.column_names, num_proc=_num_proc(cfg, len(table)),
-        fn_kwargs={"tokenizer": tokenizer, "template": chat_template(cfg, ds_cfg, tokenizer),
-                   "max_length": cfg.sequence_len},
-        desc=f"ORPO: tokenizing {report.source}",
-    )
+    return table, chat_template(cfg, ds_cfg, tokenizer)
 
 
 def _axolotl_type(cfg, ds_cfg, index: int, tokenizer, report: DatasetReport):
-    """Axolotl's own ORPO types: its transform to strings, then our tokenization."""
+    """Axolotl's own ORPO types: its transform to strings (the prompt already rendered)."""
     from axolotl.prompt_strategies.orpo import load as load_orpo
 
     dataset = load_with_axolotl(ds_cfg, cfg)
@@ -238,9 +121,7 @@ def _axolotl_type(cfg, ds_cfg, index: int, tokenizer, report: DatasetReport):
     report.rows, report.format = len(dataset), str(ds_cfg["type"])
     strings = dataset.map(lambda row: transform(row, tokenizer=tokenizer), remove_columns=dataset.column_names,
                           desc=f"ORPO: {ds_cfg['type']}")
-    return strings.map(encode_string_pairs, batched=True, remove_columns=strings.column_names,
-                       num_proc=_num_proc(cfg, len(strings)),
-                       fn_kwargs={"tokenizer": tokenizer, "max_length": cfg.sequence_len})
+    return strings, None
 
 
 def _num_proc(cfg, n_rows: int) -> int | None:
@@ -257,10 +138,11 @@ def prepare_split(cfg, tokenizer, key: str):
         report = DatasetReport(source=str(ds_cfg["path"]))
         if is_ours(ds_cfg):
             field_map = maps[index] if index < len(maps) else {}
-            tokenized = _ours(cfg, ds_cfg, field_map, tokenizer, report)
+            strings, template = _ours(cfg, ds_cfg, field_map, tokenizer, report)
         else:
-            tokenized = _axolotl_type(cfg, ds_cfg, index, tokenizer, report)
-        kept, report.notes = drop_unfit(tokenized)
+            strings, template = _axolotl_type(cfg, ds_cfg, index, tokenizer, report)
+        kept, report.notes = tokenize_dataset(strings, tokenizer, cfg.sequence_len, _num_proc(cfg, len(strings)),
+                                              template=template, desc=f"ORPO: tokenizing {report.source}")
         (LOG.warning if report.skipped or len(kept) < report.rows else LOG.info)(report.summary())
         if len(kept) == 0:
             raise OrpoDataError(f"{report.source}: every pair was dropped ({report.summary()}). "
@@ -280,7 +162,7 @@ def _cache_dir(cfg, tokenizer) -> Path | None:
         sources.append([dict(entry), stat and [stat.st_size, stat.st_mtime_ns]])
     key = json.dumps([sources, cfg.orpo_field_maps, cfg.sequence_len, cfg.chat_template, cfg.chat_template_jinja,
                       cfg.orpo_on_bad_row,
-                      tokenizer.name_or_path, len(tokenizer), sorted(plugins.get_formats()), cfg.val_set_size,
+                      tokenizer.name_or_path, len(tokenizer), sorted(get_formats()), cfg.val_set_size,
                       cfg.seed], sort_keys=True, default=str)
     return Path(cfg.dataset_prepared_path) / "orpo_plugin" / hashlib.sha256(key.encode()).hexdigest()[:16]
 
@@ -312,24 +194,12 @@ def load_preference_data(cfg, preprocess: bool = False):
 
 
 def _save(dataset, path: Path) -> None:
-    """Write under a temporary name, then rename: a killed run leaves no half-written cache.
-    The cache key covers the sources (size, mtime) and every setting that shapes the pairs, so
-    an existing entry is identical: every rank of a multi-process run prepares the same data,
-    the first rename wins and the others drop their copy without touching what a rank may be
-    reading."""
-    import os
-    import shutil
-
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    dataset.save_to_disk(str(tmp))
-    try:
-        if not path.exists():
-            tmp.rename(path)
-    except OSError:
-        if not path.exists():
-            raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    """Written whole or not at all. The cache key covers the sources (size, mtime) and every setting
+    that shapes the pairs, so an existing entry is identical: every rank of a multi-process run
+    prepares the same data, the first to finish names it and the others drop their copy without
+    touching what a rank may be reading."""
+    with atomic_path(path, keep_existing=True) as tmp:
+        dataset.save_to_disk(str(tmp))
 
 
 # -- Axolotl's strategy interface (`rl: orpo` with TRL's trainer) ------------------------
@@ -337,7 +207,7 @@ def preference(cfg, dataset_idx: int = 0, **kwargs):
     """`type: orpo_plugin.preference` under Axolotl's own loader: rows of any registered format
     become prompt/chosen/rejected strings. With `rl: orpo_plugin` the plugin's own pipeline
     runs instead (bad-row reporting, skip mode, exact truncation)."""
-    formats = plugins.get_formats()
+    formats = get_formats()
     entry = (cfg.datasets or [])[dataset_idx] if cfg.datasets else {}
     field_map = ((cfg.orpo_field_maps or {}).get("datasets") or [{}] * (dataset_idx + 1))[dataset_idx]
 
@@ -346,7 +216,7 @@ def preference(cfg, dataset_idx: int = 0, **kwargs):
     def transform(sample, tokenizer=None):
         row = apply_field_map(present(sample), field_map)
         try:
-            pair = detect_format(row, formats, str(entry.get("path"))).to_pair(row)
+            pair = detect_format(row, formats).to_pair(row)
         except BadRow as bad:
             raise OrpoDataError(f"{entry.get('path')}: {bad}") from None
         if not template:  # resolved once, on the first row

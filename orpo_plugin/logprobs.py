@@ -11,6 +11,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from orpo_plugin.core.logprobs import target_logprobs
+
 # About 64 MiB of fp32 logits per chunk: small next to activations, large enough for GEMMs.
 _CHUNK_ELEMENTS = 1 << 24
 _HAS_FUSED = hasattr(F, "linear_cross_entropy") and hasattr(nn, "LinearCrossEntropyOptions")
@@ -42,8 +44,7 @@ def head_logits(hidden: torch.Tensor, head: nn.Module, scale: float = 1.0, softc
 
 def _chunk_logprobs(hidden: torch.Tensor, targets: torch.Tensor, head: nn.Module,
                     scale: float, softcap: float) -> torch.Tensor:
-    logits = head_logits(hidden, head, scale, softcap)
-    return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+    return target_logprobs(head_logits(hidden, head, scale, softcap), targets)
 
 
 def can_fuse(head: nn.Module, scale: float = 1.0, softcap: float = 0.0) -> bool:

@@ -8,8 +8,8 @@ from dataclasses import dataclass
 
 import torch
 
-from orpo_plugin import odds
-from orpo_plugin.hookspecs import hookimpl
+from orpo_plugin.core import odds, registry
+from orpo_plugin.core.hookspecs import hookimpl
 
 
 @dataclass(frozen=True)
@@ -29,3 +29,6 @@ def orpo_penalty(chosen_avg: torch.Tensor, rejected_avg: torch.Tensor) -> torch.
 @hookimpl
 def register_losses(register):
     register(PreferenceLoss("orpo", orpo_penalty))
+
+
+get_losses = registry.registered("register_losses", __name__)

@@ -17,10 +17,13 @@ from axolotl.core.trainers.base import AxolotlTrainer
 from axolotl.utils.logging import get_logger
 from transformers import TrainerCallback
 
-from orpo_plugin import odds
+from orpo_plugin.collate import CHOSEN, PROMPT, REJECTED, SCORE_KEYS, PairCollator, SharedPairCollator
+from orpo_plugin.compat import TrainerPrivateAPI, check_trainer_api, unwrap
+from orpo_plugin.core import odds
+from orpo_plugin.core.tokenize import TRUNCATED
+from orpo_plugin.datasets import tokenize_dataset
 from orpo_plugin.logprobs import head_logits, logit_transform, token_logprobs
-from orpo_plugin.pairs import CHOSEN, PROMPT, REJECTED, SCORE_KEYS, PairCollator, SharedPairCollator, tokenize_dataset
-from orpo_plugin.plugins import get_losses
+from orpo_plugin.losses import get_losses
 
 LOG = get_logger(f"axolotl.{__name__}")  # Axolotl shows INFO only from axolotl.* loggers
 _NO_LOGITS = torch.empty(0, dtype=torch.long)  # logits_to_keep: run the model without its head
@@ -70,19 +73,29 @@ def pair_count(batch: dict[str, torch.Tensor]) -> int:
     return int(batch["score_pair"].max()) + 1
 
 
-def _model_inputs(batch: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+def _model_inputs(batch: dict[str, torch.Tensor], base) -> dict[str, torch.Tensor]:
+    """The model's inputs. A prefix-shared batch carries a boolean [rows, 1, T, T] mask, which
+    transformers passes to attention as it is: SDPA takes it boolean, whatever dtype the attention
+    computes in (a float mask must match the query's dtype, which a 4-bit or mixed-dtype model
+    need not share with its first parameter); eager attention adds it, so it becomes additive in
+    the dtype the embeddings feed the layers (any float dtype is exact there: the sum promotes)."""
     inputs = {k: batch[k] for k in ("input_ids", "position_ids") if k in batch}
     mask = batch["attention_mask"]
-    if mask.dim() == 4:  # prefix-shared: boolean -> additive, in the model's dtype (eager adds it)
+    if mask.dim() == 4 and attention_backend(base) != "sdpa":
+        dtype = base.get_input_embeddings().weight.dtype
         mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, torch.finfo(dtype).min)
     inputs["attention_mask"] = mask
     return inputs
 
 
+def attention_backend(base) -> str | None:
+    return getattr(base.config, "_attn_implementation", None)
+
+
 def orpo_batch_stats(model, batch: dict[str, torch.Tensor], settings: OrpoSettings) -> PairBatchStats:
     """Run the model on a collated batch (either layout) and return the pieces of the loss."""
-    base = _unwrap(model)
-    out = model(**_model_inputs(batch, base.dtype), use_cache=False, output_hidden_states=True,
+    base = unwrap(model)
+    out = model(**_model_inputs(batch, base), use_cache=False, output_hidden_states=True,
                 logits_to_keep=_NO_LOGITS.to(batch["input_ids"].device))
     hidden = out.hidden_states[-1]  # final-norm output
     del out
@@ -105,7 +118,7 @@ def orpo_batch_stats(model, batch: dict[str, torch.Tensor], settings: OrpoSettin
     return PairBatchStats(
         loss_nll_sum=-(logp * is_nll).sum(),
         loss_or_sum=get_losses()[settings.loss].penalty(chosen_avg, rejected_avg).sum(),
-        pair_sums=odds.pair_sums(chosen_avg, rejected_avg, z),
+        pair_sums=odds.pair_sums(chosen_avg.detach(), rejected_avg.detach(), z.detach()),
         n_pairs=n_pairs,
         n_nll_tokens=int(is_nll.sum()),
     )
@@ -115,7 +128,7 @@ def check_final_hidden_state(model, input_ids: torch.Tensor) -> None:
     """The loss reads hidden_states[-1] as the LM head's input. That holds for Llama, Mistral,
     Qwen2 and most decoders in transformers 5, but not for every architecture: verify it
     once, on a few tokens, instead of training on wrong log-probs."""
-    base = _unwrap(model)
+    base = unwrap(model)
     with torch.no_grad():
         out = model(input_ids=input_ids[:1, :8], use_cache=False, output_hidden_states=True, logits_to_keep=1)
         ours = head_logits(out.hidden_states[-1][:, -1:], base.get_output_embeddings(),
@@ -137,7 +150,7 @@ MASKABLE_ATTENTION = ("sdpa", "eager")
 def use_prefix_sharing(settings: OrpoSettings, model) -> bool:
     if settings.prefix_sharing is False:
         return False
-    backend = getattr(_unwrap(model).config, "_attn_implementation", None)
+    backend = attention_backend(unwrap(model))
     if backend in MASKABLE_ATTENTION:
         return True
     if settings.prefix_sharing:  # asked for explicitly: say why it is not used
@@ -145,13 +158,6 @@ def use_prefix_sharing(settings: OrpoSettings, model) -> bool:
                     f"({', '.join(MASKABLE_ATTENTION)}); this model uses {backend!r}, so chosen and "
                     f"rejected run as separate rows (same loss, more compute)")
     return False
-
-
-def _unwrap(model):
-    model = getattr(model, "module", model)  # DDP
-    if hasattr(model, "get_base_model"):  # PEFT
-        model = model.get_base_model()
-    return model
 
 
 LOG_HISTORY = "orpo_log_history.jsonl"
@@ -177,7 +183,7 @@ class LogHistoryWriter(TrainerCallback):
                 f.write(json.dumps(state.log_history[-1]) + "\n")
 
 
-class OrpoTrainer(AxolotlTrainer):
+class OrpoTrainer(TrainerPrivateAPI, AxolotlTrainer):
     """Built by Axolotl's RL builder (`rl: orpo_plugin`); accepts TRL-style string datasets."""
 
     tag_names = ["axolotl", "orpo", "orpo_plugin"]
@@ -185,17 +191,14 @@ class OrpoTrainer(AxolotlTrainer):
     def __init__(self, model=None, args=None, train_dataset=None, eval_dataset=None,
                  processing_class=None, data_collator=None, orpo_settings: OrpoSettings | None = None,
                  **kwargs):
+        check_trainer_api()
         tokenizer = processing_class
         max_length = getattr(args, "max_length", None)
         num_proc = getattr(args, "dataset_num_proc", None)
         if train_dataset is not None:
-            train_dataset, dropped = tokenize_dataset(train_dataset, tokenizer, max_length, num_proc)
-            if dropped:
-                LOG.warning(f"ORPO: dropped {dropped} training pairs whose prompt fills sequence_len")
+            train_dataset = _tokenized(train_dataset, tokenizer, max_length, num_proc, "training")
         if eval_dataset is not None:
-            eval_dataset, dropped = tokenize_dataset(eval_dataset, tokenizer, max_length, num_proc)
-            if dropped:
-                LOG.warning(f"ORPO: dropped {dropped} eval pairs whose prompt fills sequence_len")
+            eval_dataset = _tokenized(eval_dataset, tokenizer, max_length, num_proc, "eval")
         self._pad_multiple = getattr(data_collator, "pad_to_multiple_of", None)
         data_collator = PairCollator(_pad_id(tokenizer), pad_to_multiple_of=self._pad_multiple)
         super().__init__(
@@ -209,6 +212,7 @@ class OrpoTrainer(AxolotlTrainer):
         self.model_accepts_loss_kwargs = True
         self._orpo_totals = {"train": None, "eval": None}
         self._head_checked = False
+        self.add_callback(LogHistoryWriter())
 
     def configure(self, settings: OrpoSettings) -> None:
         """Apply settings and choose the batch layout (before training starts)."""
@@ -221,11 +225,11 @@ class OrpoTrainer(AxolotlTrainer):
             collator = PairCollator(pad_id, pad_to_multiple_of=self._pad_multiple)
         # Axolotl swaps collators between train and eval; all are ours.
         self.data_collator = self.train_data_collator = self.eval_data_collator = collator
-        self.add_callback(LogHistoryWriter())
 
     # -- loss -------------------------------------------------------------------------
-    def _get_num_items_in_batch(self, batch_samples, device):
-        """[NLL tokens, pairs] over the optimizer step: all micro-batches, all ranks."""
+    def step_counts(self, batch_samples, device):
+        """[NLL tokens, pairs] over the optimizer step: all micro-batches, all ranks (what
+        compute_loss divides by; transformers passes it in as num_items_in_batch)."""
         counts = torch.zeros(2, dtype=torch.float64, device=device)
         for batch in batch_samples:
             counts[0] += nll_count(batch, self.orpo.train_on_inputs)
@@ -252,7 +256,7 @@ class OrpoTrainer(AxolotlTrainer):
         return (loss, {}) if return_outputs else loss
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
-        inputs = self._prepare_inputs(inputs)
+        inputs = self.prepare_inputs(inputs)
         with torch.no_grad(), self.compute_loss_context_manager():
             loss = self.compute_loss(model, inputs)
         return loss.detach(), None, None
@@ -286,6 +290,15 @@ class OrpoTrainer(AxolotlTrainer):
         if split is not None:
             logs.update(self.orpo_metrics(split))
         return super().log(logs, start_time)
+
+
+def _tokenized(dataset, tokenizer, max_length, num_proc, split: str):
+    """TRL-style string datasets (Axolotl's own ORPO strategies) through the one tokenization."""
+    dataset, notes = tokenize_dataset(dataset, tokenizer, max_length, num_proc)
+    dropped = sum(n for note, n in notes.items() if note not in ("", TRUNCATED))
+    if dropped:
+        LOG.warning(f"ORPO: dropped {dropped} {split} pairs whose prompt fills sequence_len")
+    return dataset
 
 
 def _pad_id(tokenizer) -> int:

@@ -1,5 +1,5 @@
 """Model architectures the GGUF converter can write, registered through the `register_architectures`
-hook. A third party adds one the same way these are added (see orpo_plugin/hookspecs.py):
+hook. A third party adds one the same way these are added (see orpo_plugin/core/hookspecs.py):
 
     @hookimpl
     def register_architectures(register):
@@ -16,7 +16,8 @@ from dataclasses import dataclass
 
 import gguf
 
-from orpo_plugin.hookspecs import hookimpl
+from orpo_plugin.core import registry
+from orpo_plugin.core.hookspecs import hookimpl
 
 
 @dataclass(frozen=True)
@@ -39,3 +40,6 @@ BUILT_IN = (
 def register_architectures(register):
     for arch in BUILT_IN:
         register(arch)
+
+
+get_architectures = registry.registered("register_architectures", __name__)

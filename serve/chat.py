@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import sys
 
 HELP = "commands: /reset (forget the conversation), /system TEXT (set the system prompt), /exit; " \
@@ -11,11 +10,9 @@ HELP = "commands: /reset (forget the conversation), /system TEXT (set the system
 
 def chat(model_path: str, n_ctx: int = 4096, threads: int | None = None, max_tokens: int = 512,
          temperature: float = 0.7, system: str | None = None, out=sys.stdout) -> None:
-    import llama_cpp
+    from serve.llama import open_gguf
 
-    threads = threads or os.cpu_count() or 1
-    llm = llama_cpp.Llama(model_path=model_path, n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads,
-                          verbose=False)
+    llm = open_gguf(model_path, n_ctx, threads)
     history: list[dict] = []
     print(f"chatting with {model_path}; {HELP}", file=out, flush=True)
     try:

@@ -1,5 +1,8 @@
 """`orpo` (the project's CLI) and `axolotl merge-and-quantize` (through Axolotl's
-axolotl.cli_commands entry point). Expected errors print one line and exit 1."""
+axolotl.cli_commands entry point). Expected errors print one line and exit 1.
+
+Every command imports what it needs when it runs, so `--help` and the GGUF commands (serve,
+chat, score on a GGUF) never import torch or Axolotl."""
 
 from __future__ import annotations
 
@@ -9,20 +12,19 @@ from pathlib import Path
 
 import click
 
-from serve.convert import ConversionError
-from serve.export import ExportError, export, report_table
-from serve.merge import MergeError
-from serve.quantize import QuantizeError
-
-EXPECTED = (ExportError, MergeError, ConversionError, QuantizeError)
 DEFAULT_QUANTS = ("q8_0", "q4_k_m")
 
 
 def _run_export(base, adapter, out, quants, force, threads, num_ctx):
+    from serve.convert import ConversionError
+    from serve.export import ExportError, export, report_table
+    from serve.merge import MergeError
+    from serve.quantize import QuantizeError
+
     try:
         report = export(base, adapter, out, list(quants), force=force, threads=threads, num_ctx=num_ctx,
                         progress=lambda msg: click.echo(f"orpo: {msg}", err=True))
-    except EXPECTED as err:
+    except (ExportError, MergeError, ConversionError, QuantizeError) as err:
         raise click.ClickException(str(err)) from None
     except OSError as err:  # disk full, file too large, permissions: nothing was left under a final name
         where = err.filename or out
@@ -81,11 +83,12 @@ def serve(model, host, port, api_key, n_ctx, threads, max_pairs):
     """OpenAI-compatible chat and completions, plus POST /v1/score (chosen vs rejected)."""
     import uvicorn
 
+    from serve.llama import GGUFError, LlamaVersionError
     from serve.server import ServeError, create_app
 
     try:
         app = create_app(model, api_key=api_key, n_ctx=n_ctx, n_threads=threads, max_pairs=max_pairs)
-    except ServeError as err:
+    except (ServeError, GGUFError, LlamaVersionError) as err:
         raise click.ClickException(str(err)) from None
     click.echo(f"orpo: serving {model} on http://{host}:{port} (OpenAI API under /v1, scoring at /v1/score, "
                f"GET /health)", err=True)
@@ -105,14 +108,15 @@ def serve(model, host, port, api_key, n_ctx, threads, max_pairs):
 def score(models, pairs_path, report_path, limit, on_bad_row, n_ctx, threads):
     """Preference accuracy of each MODEL (GGUF file, HF model directory, or a LoRA adapter
     directory from `axolotl train`) on held-out pairs."""
-    from orpo_plugin.datasets import OrpoDataError
+    from orpo_plugin.core.formats import OrpoDataError
     from serve.evaluate import load_pairs, score_models, summary_table, write_report
+    from serve.llama import GGUFError, LlamaVersionError
     from serve.scoring import ScoreError
 
     try:
         pairs = load_pairs(pairs_path, on_bad_row, limit)
         report = score_models(list(models), pairs, n_ctx=n_ctx, threads=threads)
-    except (OrpoDataError, ScoreError) as err:
+    except (OrpoDataError, ScoreError, GGUFError, LlamaVersionError) as err:
         raise click.ClickException(str(err)) from None
     report["pairs_file"] = str(pairs_path)
     click.echo(summary_table(report))
@@ -131,11 +135,12 @@ def score(models, pairs_path, report_path, limit, on_bad_row, n_ctx, threads):
 def chat(model, n_ctx, threads, max_tokens, temperature, system):
     """Chat in the terminal with a GGUF, using its embedded chat template."""
     from serve.chat import chat as run
-    from serve.server import ServeError, check_gguf
+    from serve.llama import GGUFError, LlamaVersionError, check_gguf, check_version
 
     try:
         check_gguf(model)
-    except ServeError as err:
+        check_version()
+    except (GGUFError, LlamaVersionError) as err:
         raise click.ClickException(str(err)) from None
     run(model, n_ctx=n_ctx, threads=threads, max_tokens=max_tokens, temperature=temperature, system=system)
 

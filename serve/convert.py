@@ -7,7 +7,6 @@ temporary name and renamed at the end, so a killed run leaves nothing under the 
 from __future__ import annotations
 
 import json
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +15,9 @@ import gguf
 import numpy as np
 from tqdm import tqdm
 
-from orpo_plugin.plugins import get_architectures
+from orpo_plugin.core.atomic import atomic_path
+from orpo_plugin.core.tokenize import special_prefix
+from serve.architectures import get_architectures
 
 # Output types written directly (K-quants come from llama.cpp's quantizer on top of these).
 OUT_TYPES = {
@@ -197,8 +198,6 @@ def _vocabulary_writer(spec: dict, where: Path):
 def _write_tokenizer(writer: gguf.GGUFWriter, model_dir: Path, vocab_size: int) -> None:
     from transformers import AutoTokenizer
 
-    from orpo_plugin.pairs import special_prefix
-
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     # The tokenizer HF actually runs: transformers 5 may replace tokenizer.json's pre-tokenizer
     # with the model family's own (Qwen2 does), and llama.cpp must reproduce what HF does.
@@ -228,7 +227,12 @@ def convert(model_dir: str | Path, out_path: str | Path, out_type: str = "f16", 
                               f"(serve/architectures.py shows how)")
     if out_type not in OUT_TYPES:
         raise ConversionError(f"unknown output type {out_type!r}; choose from {', '.join(OUT_TYPES)}")
-    arch = architectures[arch_name]
+    with atomic_path(out_path) as tmp:
+        _write(tmp, architectures[arch_name], config, model_dir, out_type, permute_qk, progress)
+    return out_path
+
+
+def _write(tmp: Path, arch, config: dict, model_dir: Path, out_type: str, permute_qk: bool | None, progress: bool):
     tensor_type, file_type = OUT_TYPES[out_type]
     n_layers, n_heads = config["num_hidden_layers"], config["num_attention_heads"]
     n_kv = config.get("num_key_value_heads") or n_heads
@@ -236,8 +240,6 @@ def convert(model_dir: str | Path, out_path: str | Path, out_type: str = "f16", 
     head_dim = config.get("head_dim") or hidden // n_heads
     rope = config.get("rope_parameters") or {}
     rope_theta = rope.get("rope_theta") or config.get("rope_theta") or 10000.0
-
-    tmp = out_path.with_name(out_path.name + ".partial")
     writer = gguf.GGUFWriter(str(tmp), gguf.MODEL_ARCH_NAMES[arch.gguf_arch])
     writer.add_context_length(config.get("max_position_embeddings", 2048))
     writer.add_embedding_length(hidden)
@@ -280,19 +282,14 @@ def convert(model_dir: str | Path, out_path: str | Path, out_type: str = "f16", 
             else:
                 byte_shape = gguf.quant_shape_to_byte_shape(shape, kind)
                 writer.add_tensor_info(name, byte_shape, np.dtype(np.uint8), int(np.prod(byte_shape)), raw_dtype=kind)
-    try:
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_ti_data_to_file()
-        for item in tqdm(plan, desc=f"convert {out_type}", unit="tensor", disable=not progress):
-            header, data_start = headers[item.shard]
-            data = _read_tensor(item.shard, header[item.hf_name], data_start)
-            if item.heads:
-                data = permute_for_llama(data, item.heads)
-            writer.write_tensor_data(_encode(data, item.kind))
-            del data
-        writer.close()
-        os.replace(tmp, out_path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return out_path
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    for item in tqdm(plan, desc=f"convert {out_type}", unit="tensor", disable=not progress):
+        header, data_start = headers[item.shard]
+        data = _read_tensor(item.shard, header[item.hf_name], data_start)
+        if item.heads:
+            data = permute_for_llama(data, item.heads)
+        writer.write_tensor_data(_encode(data, item.kind))
+        del data
+    writer.close()

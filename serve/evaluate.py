@@ -4,29 +4,18 @@ the training metrics' definitions."""
 
 from __future__ import annotations
 
-import json
-import os
 from contextlib import contextmanager
 from pathlib import Path
 
-from serve.scoring import (GGUFTokenizer, HFScorer, LlamaCppScorer, PairText, ScoreError, is_gguf, score_pair,
-                           summarize)
+from orpo_plugin.core.atomic import write_json
+from orpo_plugin.core.rows import load_pairs as load_rows
+from serve.llama import is_gguf
+from serve.scoring import HFScorer, LlamaCppScorer, PairText, ScoreError, score_pair, summarize
 
 
 def load_pairs(path: str | Path, on_bad_row: str = "error", limit: int | None = None) -> list[PairText]:
     """Every dataset format training reads (detected by shape, bad rows named by line)."""
-    from axolotl.utils.dict import DictDefault
-
-    from orpo_plugin import plugins
-    from orpo_plugin.datasets import DatasetReport, OrpoDataError, normalize_rows, read_rows
-
-    source = str(path)
-    rows = read_rows({"path": source}, DictDefault({}))
-    pairs = normalize_rows(rows, plugins.get_formats(), {}, source, on_bad_row, DatasetReport(source),
-                           skip_hint="pass --on-bad-row skip")
-    if not pairs:
-        raise OrpoDataError(f"{source}: no usable pairs")
-    return [PairText(p.prompt, p.chosen, p.rejected) for p in pairs[:limit]]
+    return [PairText(p.prompt, p.chosen, p.rejected) for p in load_rows(path, on_bad_row, limit)]
 
 
 def model_kind(path: str | Path) -> str:
@@ -46,15 +35,11 @@ def open_model(path: str | Path, n_ctx: int = 4096, threads: int | None = None):
     """(scorer, tokenizer) for a GGUF (llama.cpp) or an HF directory (transformers, fp32)."""
     kind = model_kind(path)
     if kind == "gguf":
-        import llama_cpp
+        from serve.llama import opened
+        from serve.scoring import GGUFTokenizer
 
-        threads = threads or os.cpu_count() or 1
-        llm = llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads,
-                              verbose=False)
-        try:
+        with opened(path, n_ctx, threads) as llm:
             yield LlamaCppScorer(llm), GGUFTokenizer(llm)
-        finally:
-            llm.close()
     else:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -100,7 +85,4 @@ def summary_table(report: dict) -> str:
 
 
 def write_report(report: dict, path: str | Path) -> None:
-    path = Path(path)
-    tmp = path.with_name(path.name + ".partial")
-    tmp.write_text(json.dumps(report, indent=2))
-    tmp.replace(path)
+    write_json(path, report)

@@ -7,7 +7,6 @@ model: identical tokenization of sample texts, and next-token log-prob agreement
 
 from __future__ import annotations
 
-import json
 import shutil
 import tempfile
 import time
@@ -15,6 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
+from orpo_plugin.core.atomic import write_json
+from orpo_plugin.core.logprobs import log_softmax
 from serve.convert import OUT_TYPES, convert
 from serve.merge import merge_adapter
 from serve.modelfile import write_modelfile
@@ -51,30 +52,26 @@ def _sample_texts(tokenizer) -> list[str]:
 
 def parity(model_dir: Path, tokenizer, gguf_paths: dict[str, Path], threads: int) -> dict:
     """Tokenization and next-token log-probs of each GGUF against the merged HF model."""
-    import llama_cpp
     import torch
     from transformers import AutoModelForCausalLM
+
+    from serve.llama import KVCache, opened
 
     hf = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
     texts = _sample_texts(tokenizer)
     encoded = [tokenizer(t, add_special_tokens=True)["input_ids"] for t in texts]
     with torch.no_grad():
-        reference = [torch.log_softmax(hf(torch.tensor([ids])).logits[0].float(), -1).numpy() for ids in encoded]
+        reference = [log_softmax(hf(torch.tensor([ids])).logits[0].double()).numpy() for ids in encoded]
     report = {"texts": len(texts), "models": {}}
     for name, path in gguf_paths.items():
-        llm = llama_cpp.Llama(model_path=str(path), logits_all=True, n_ctx=512, n_threads=threads, verbose=False)
-        try:
-            same_tokens, max_abs, kls = True, 0.0, []
+        with opened(path, n_ctx=512, threads=threads) as llm:
+            cache, same_tokens, max_abs, kls = KVCache(llm), True, 0.0, []
             for text, ids, ref in zip(texts, encoded, reference):
                 same_tokens &= llm.tokenize(text.encode(), add_bos=True, special=True) == ids
-                llm.reset()
-                llm.eval(ids)
-                ours = np.asarray(llm.scores[: len(ids)], dtype=np.float64)
-                ours = ours - np.logaddexp.reduce(ours, axis=-1, keepdims=True)
+                cache.clear()
+                ours = log_softmax(cache.decode(ids, every_row=True).astype(np.float64))
                 max_abs = max(max_abs, float(np.abs(ours - ref).max()))
                 kls.append(float((np.exp(ref) * (ref - ours)).sum(-1).mean()))
-        finally:
-            llm.close()
         report["models"][name] = {"tokens_identical": bool(same_tokens), "max_abs_logprob_diff": max_abs,
                                   "mean_kl": float(np.mean(kls))}
     return report
@@ -124,9 +121,7 @@ def export(base: str | Path, adapter: str | Path | None, out_dir: str | Path, qu
         "files": {q: {"path": p.name, "bytes": p.stat().st_size} for q, p in files.items()},
         "modelfile": {"from": files[chosen].name},
     })
-    tmp = out_dir / "export_report.json.partial"
-    tmp.write_text(json.dumps(report, indent=2))
-    tmp.replace(out_dir / "export_report.json")
+    write_json(out_dir / "export_report.json", report)
     return report
 
 

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
+
+from orpo_plugin.core.atomic import atomic_path
 
 
 class MergeError(ValueError):
@@ -31,8 +32,7 @@ def _untie_adapted_embeddings(model) -> None:
 
 def merge_adapter(base: str | Path, adapter: str | Path, out_dir: str | Path, dtype: str = "float32") -> Path:
     """Load base unquantized, apply the adapter, merge, save to out_dir with the tokenizer the
-    adapter was trained with (Axolotl saves it beside the adapter). Atomic: a temporary
-    directory is renamed at the end."""
+    adapter was trained with (Axolotl saves it beside the adapter), atomically."""
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -52,10 +52,7 @@ def merge_adapter(base: str | Path, adapter: str | Path, out_dir: str | Path, dt
     _untie_adapted_embeddings(model)
     merged = model.merge_and_unload(progressbar=True)
     tokenizer_dir = adapter if (adapter / "tokenizer_config.json").is_file() else Path(base)
-    tmp = out_dir.with_name(out_dir.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    merged.save_pretrained(str(tmp))
-    AutoTokenizer.from_pretrained(str(tokenizer_dir)).save_pretrained(str(tmp))
-    shutil.rmtree(out_dir, ignore_errors=True)
-    tmp.rename(out_dir)
+    with atomic_path(out_dir) as tmp:
+        merged.save_pretrained(str(tmp))
+        AutoTokenizer.from_pretrained(str(tokenizer_dir)).save_pretrained(str(tmp))
     return out_dir

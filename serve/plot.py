@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from orpo_plugin.core.atomic import atomic_path
+
 PANELS = (  # (title, [(metric, label)])
     ("average log-prob of the answers", [("logps/chosen", "chosen"), ("logps/rejected", "rejected")]),
     ("log-odds ratio z (log_odds_chosen)", [("log_odds_chosen", "z")]),
@@ -68,8 +70,7 @@ def plot(output_dir: str | Path, out: str | Path | None = None) -> Path:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.suptitle(f"ORPO training: {Path(output_dir).resolve().name}")
-    tmp = out.with_name(out.stem + ".partial" + out.suffix)
-    fig.savefig(tmp, dpi=110)
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp, dpi=110, format=out.suffix.lstrip(".") or "png")
     plt.close(fig)
-    tmp.replace(out)
     return out

@@ -4,13 +4,15 @@ ctypes API of llama-cpp-python: one intermediate GGUF in, one quantized GGUF out
 from __future__ import annotations
 
 import ctypes
-import os
 import threading
 from contextlib import contextmanager
 from pathlib import Path
 
 import llama_cpp
 from tqdm import tqdm
+
+from orpo_plugin.core.atomic import atomic_path
+from serve.llama import default_threads
 
 # Names users pass (--quant) -> llama.cpp file types. The i-quants (iq*) need an importance
 # matrix and are not offered. f16/bf16/q8_0 are also written directly by serve.convert.
@@ -55,16 +57,11 @@ def quantize(src: str | Path, dst: str | Path, quant: str, threads: int | None =
     if quant not in QUANT_TYPES:
         raise QuantizeError(f"unknown quantization {quant!r}; choose from {', '.join(sorted(QUANT_TYPES))}")
     src, dst = Path(src), Path(dst)
-    tmp = dst.with_name(dst.name + ".partial")
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = QUANT_TYPES[quant]
-    params.nthread = threads or os.cpu_count() or 1
-    try:
-        with _bytes_written(tmp, f"quantize {quant}", progress):
-            status = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), ctypes.byref(params))
+    params.nthread = threads or default_threads()
+    with atomic_path(dst) as tmp, _bytes_written(tmp, f"quantize {quant}", progress):
+        status = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), ctypes.byref(params))
         if status != 0:
             raise QuantizeError(f"llama.cpp could not quantize {src} to {quant} (status {status})")
-        os.replace(tmp, dst)
-    finally:
-        tmp.unlink(missing_ok=True)
     return dst

@@ -1,30 +1,25 @@
 """Chosen-vs-rejected scoring, the quantities the trainer logged, for a GGUF or an HF model.
 
-A pair is tokenized exactly as the plugin tokenized it for training (orpo_plugin.pairs: the
+A pair is tokenized by the core exactly as training tokenized it (orpo_plugin.core.tokenize: the
 prompt rendered with the chat template and the generation prompt, each answer tokenized on its
-own and closed by EOS), and compared with orpo_plugin.odds, the same math as the training
-metrics. With llama.cpp the shared prompt is evaluated once per pair: its KV cache is kept and
-each answer is decoded on top of it.
+own and closed by EOS), its answer tokens' log-probs come from core.logprobs, and the pair is
+compared with core.odds, the code the training metrics run. With llama.cpp the shared prompt is
+evaluated once per pair: its KV cache is kept and each answer is decoded on top of it.
+
+Nothing here imports torch unless an HF model is scored.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
-from orpo_plugin import odds
-from orpo_plugin.pairs import encode_prompts, encode_responses
-
-
-def is_gguf(path: str | Path) -> bool:
-    """A file that starts with GGUF's magic bytes."""
-    path = Path(path)
-    if not path.is_file():
-        return False
-    with path.open("rb") as f:
-        return f.read(4) == b"GGUF"
+from orpo_plugin.core import odds
+from orpo_plugin.core.chat_template import render as render_template
+from orpo_plugin.core.formats import OrpoDataError
+from orpo_plugin.core.logprobs import target_logprobs
+from orpo_plugin.core.tokenize import tokenize_pair
 
 
 class ScoreError(ValueError):
@@ -43,8 +38,8 @@ class PairText:
 
 # -- tokenization: the training path, for HF tokenizers and for a GGUF's own ------------------
 class GGUFTokenizer:
-    """The part of an HF tokenizer that orpo_plugin.pairs uses, backed by llama.cpp's tokenizer
-    and the GGUF's embedded chat template (rendered by transformers, as in training)."""
+    """The part of an HF tokenizer that core.tokenize uses, backed by llama.cpp's tokenizer and the
+    GGUF's embedded chat template (rendered by core.chat_template, as transformers renders it)."""
 
     def __init__(self, llm):
         self.llm = llm
@@ -66,81 +61,50 @@ class GGUFTokenizer:
         return {"input_ids": ids[0] if one else ids}
 
     def apply_chat_template(self, messages, chat_template=None, tokenize=False, add_generation_prompt=False):
-        from transformers.utils.chat_template_utils import render_jinja_template
-
-        template = chat_template or self.chat_template
-        if not template:
-            raise ScoreError("the GGUF has no embedded chat template; send \"template\": false with raw text")
-        rendered, _ = render_jinja_template([messages], chat_template=template,
-                                            add_generation_prompt=add_generation_prompt,
-                                            bos_token=self.bos_token or "", eos_token=self.eos_token)
-        return rendered[0]
+        return render_template(chat_template or self.chat_template, messages, add_generation_prompt,
+                               bos_token=self.bos_token or "", eos_token=self.eos_token)
 
 
 def encode_pair(tokenizer, pair: PairText) -> tuple[list[int], list[int], list[int]]:
     """(prompt, chosen, rejected) ids as training made them."""
-    from jinja2 import TemplateError
-
     prompt = pair.prompt
     if pair.template:
-        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
         if not tokenizer.chat_template:
             raise ScoreError("the model has no chat template; send \"template\": false to score raw text")
-        try:
-            prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        except TemplateError as err:
-            raise ScoreError(f"prompt: the chat template cannot render these messages ({err})") from None
-    [prompt_ids] = encode_prompts(tokenizer, [prompt])
-    chosen_ids, rejected_ids = encode_responses(tokenizer, [pair.chosen, pair.rejected])
-    return prompt_ids, chosen_ids, rejected_ids
+        if isinstance(prompt, str):
+            prompt = [{"role": "user", "content": prompt}]
+    try:
+        ids, _ = tokenize_pair(tokenizer, prompt, pair.chosen, pair.rejected)
+    except OrpoDataError as err:
+        raise ScoreError(f"prompt: {err}") from None
+    return ids["prompt_input_ids"], ids["chosen_input_ids"], ids["rejected_input_ids"]
 
 
 # -- log-probs of answer tokens ---------------------------------------------------------------
-def _logprobs_at(logits: np.ndarray, targets: list[int]) -> np.ndarray:
-    """log softmax(logits[i])[targets[i]] per row, accumulated in float64."""
-    logits = logits.astype(np.float64, copy=False)
-    peak = logits.max(axis=-1, keepdims=True)
-    norm = np.log(np.exp(logits - peak).sum(axis=-1)) + peak[:, 0]
-    return logits[np.arange(len(targets)), targets] - norm
-
-
 class LlamaCppScorer:
     """Scores on a loaded llama_cpp.Llama without its n_ctx x vocab logits buffer: the decode
     returns logits for the answer rows only, consumed batch by batch."""
 
     def __init__(self, llm):
-        self.llm = llm
-        self.n_ctx = llm.n_ctx()
+        from serve.llama import KVCache
 
-    def _decode(self, tokens: list[int], n_past: int, every_row: bool) -> np.ndarray:
-        """Decode tokens after n_past cached ones; logits of every row, or of the last only."""
-        llm, rows = self.llm, []
-        for start in range(0, len(tokens), llm.n_batch):
-            batch = tokens[start:start + llm.n_batch]
-            llm._batch.set_batch(batch=batch, n_past=n_past + start, logits_all=every_row)
-            llm._ctx.decode(llm._batch)
-            n_out = len(batch) if every_row else 1
-            logits = np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(n_out * llm.n_vocab(),))
-            rows.append(logits.reshape(n_out, -1).copy())
-        llm.input_ids[n_past:n_past + len(tokens)] = tokens
-        llm.n_tokens = n_past + len(tokens)  # the server's prefix reuse for chat sees the true cache
-        return np.concatenate(rows if every_row else rows[-1:])
+        self.cache = KVCache(llm)
+        self.n_ctx = self.cache.n_ctx
 
     def answer_logprobs(self, prompt: list[int], answers: list[list[int]], reuse_prompt: bool = True):
         """Per-token log-probs of each answer after the prompt. reuse_prompt=False evaluates
         every full sequence from scratch (the reference the KV reuse is tested against)."""
-        llm, out = self.llm, []
-        llm._ctx.kv_cache_clear()
-        last = self._decode(prompt, 0, every_row=False) if reuse_prompt else None
+        cache, out = self.cache, []
+        cache.clear()
+        last = cache.decode(prompt, every_row=False) if reuse_prompt else None
         for answer in answers:
             if reuse_prompt:
-                llm._ctx.kv_cache_seq_rm(-1, len(prompt), -1)
-                rows = np.concatenate([last, self._decode(answer[:-1], len(prompt), True)]) \
-                    if len(answer) > 1 else last
+                cache.truncate(len(prompt))
+                rows = np.concatenate([last, cache.decode(answer[:-1], every_row=True)]) if len(answer) > 1 else last
             else:
-                llm._ctx.kv_cache_clear()
-                rows = self._decode(prompt + answer[:-1], 0, True)[len(prompt) - 1:]
-            out.append(_logprobs_at(rows, answer))
+                cache.clear()
+                rows = cache.decode(prompt + answer[:-1], every_row=True)[len(prompt) - 1:]
+            out.append(target_logprobs(rows.astype(np.float64), np.asarray(answer)))
         return out
 
 
@@ -161,12 +125,9 @@ class HFScorer:
         for i, s in enumerate(seqs):
             ids[i, :len(s)], mask[i, :len(s)] = torch.tensor(s), 1
         with torch.no_grad():
-            logits = self.model(input_ids=ids, attention_mask=mask).logits.float()
-        out = []
-        for i, answer in enumerate(answers):
-            rows = logits[i, len(prompt) - 1:len(prompt) + len(answer) - 1]
-            out.append(torch.log_softmax(rows.double(), -1)[torch.arange(len(answer)), torch.tensor(answer)].numpy())
-        return out
+            logits = self.model(input_ids=ids, attention_mask=mask).logits
+        return [target_logprobs(logits[i, len(prompt) - 1:len(prompt) + len(a) - 1].double(), torch.tensor(a)).numpy()
+                for i, a in enumerate(answers)]
 
 
 # -- one pair, many pairs ---------------------------------------------------------------------
@@ -175,8 +136,6 @@ def _answer(logprobs: np.ndarray) -> dict:
 
 
 def score_ids(scorer, prompt: list[int], chosen: list[int], rejected: list[int], reuse_prompt: bool = True) -> dict:
-    import torch
-
     need = len(prompt) + max(len(chosen), len(rejected))
     if need > scorer.n_ctx:
         raise ScoreError(f"the pair needs {need} tokens (prompt {len(prompt)}, longest answer "
@@ -184,7 +143,7 @@ def score_ids(scorer, prompt: list[int], chosen: list[int], rejected: list[int],
                          f"shorten it or restart with a larger --n-ctx")
     lp_chosen, lp_rejected = scorer.answer_logprobs(prompt, [chosen, rejected], reuse_prompt=reuse_prompt)
     c, r = _answer(lp_chosen), _answer(lp_rejected)
-    z = float(odds.log_odds_ratio(torch.tensor(c["avg_logprob"]), torch.tensor(r["avg_logprob"])))
+    z = float(odds.log_odds_ratio(np.float64(c["avg_logprob"]), np.float64(r["avg_logprob"])))
     return {"chosen": c, "rejected": r, "log_odds_ratio": z, "preferred": odds.preferred(z)}
 
 
@@ -193,15 +152,16 @@ def score_pair(scorer, tokenizer, pair: PairText, reuse_prompt: bool = True) -> 
 
 
 def summarize(results: list[dict], reference: list[dict] | None = None) -> dict:
-    """Preference accuracy (chosen's average log-prob above rejected's: the trainer's
-    rewards/accuracies), mean margin of average log-probs, mean log-odds ratio (log_odds_chosen),
-    and, against a reference run on the same pairs, how often both prefer the same answer."""
+    """Preference accuracy (the trainer's rewards/accuracies), mean margin of average log-probs,
+    mean log-odds ratio (log_odds_chosen), and, against a reference run on the same pairs, how
+    often both prefer the same answer."""
     n = len(results)
-    margins = [r["chosen"]["avg_logprob"] - r["rejected"]["avg_logprob"] for r in results]
+    chosen = np.array([r["chosen"]["avg_logprob"] for r in results])
+    rejected = np.array([r["rejected"]["avg_logprob"] for r in results])
     summary = {
         "pairs": n,
-        "accuracy": sum(m > 0 for m in margins) / n if n else float("nan"),
-        "mean_margin": float(np.mean(margins)) if n else float("nan"),
+        "accuracy": float(np.mean(odds.prefers_chosen(chosen, rejected))) if n else float("nan"),
+        "mean_margin": float(np.mean(chosen - rejected)) if n else float("nan"),
         "mean_log_odds_ratio": float(np.mean([r["log_odds_ratio"] for r in results])) if n else float("nan"),
     }
     if reference is not None:

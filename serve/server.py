@@ -8,14 +8,7 @@ long chat stream delays a score request until it ends but never starves it.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import socket
-import subprocess
-import sys
-import tempfile
-import time
 from pathlib import Path
 
 from fastapi import Depends, Request
@@ -23,8 +16,9 @@ from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
-from orpo_plugin.formats import BadRow, check_prompt_order, messages, text
-from serve.scoring import GGUFTokenizer, LlamaCppScorer, PairText, ScoreError, is_gguf, score_pair
+from orpo_plugin.core.formats import BadRow, check_prompt_order, messages, text
+from serve import llama
+from serve.scoring import GGUFTokenizer, LlamaCppScorer, PairText, ScoreError, score_pair
 
 MAX_PAIRS = 64  # per /v1/score request
 MAX_BODY_BYTES = 1 << 20
@@ -32,7 +26,7 @@ PAIR_FIELDS = {"prompt", "chosen", "rejected", "template"}
 
 
 class ServeError(ValueError):
-    """The model cannot be served (missing or unreadable GGUF); exits the CLI with a message."""
+    """llama.cpp cannot load the model; exits the CLI with a message."""
 
 
 class RequestError(ValueError):
@@ -88,31 +82,22 @@ def _error(status: int, message: str, param: str | None = None) -> JSONResponse:
     return JSONResponse({"error": {"message": message, "type": kind, "param": param}}, status_code=status)
 
 
-def check_gguf(path: str | Path) -> Path:
-    path = Path(path)
-    if not path.is_file():
-        raise ServeError(f"{path}: no such file; pass a .gguf written by `orpo merge-and-quantize`")
-    if not is_gguf(path):
-        raise ServeError(f"{path}: not a GGUF file (no GGUF magic); pass a .gguf written by "
-                         f"`orpo merge-and-quantize`")
-    return path
-
-
 def create_app(model_path: str | Path, *, api_key: str | None = None, n_ctx: int = 4096, n_threads: int | None = None,
                max_pairs: int = MAX_PAIRS, max_body_bytes: int = MAX_BODY_BYTES):
     from llama_cpp.server import app as llama_app
     from llama_cpp.server.settings import ModelSettings, ServerSettings
 
-    model_path = check_gguf(model_path)
-    threads = n_threads or max(1, os.cpu_count() or 1)  # llama-cpp's default is half the cores
+    model_path = llama.check_gguf(model_path)
+    llama.check_version()
+    settings = llama.settings(model_path, n_ctx, n_threads)
+    settings["model"] = settings.pop("model_path")
     try:
         app = llama_app.create_app(
             server_settings=ServerSettings(api_key=api_key, interrupt_requests=False),
-            model_settings=[ModelSettings(model=str(model_path), model_alias=model_path.name, n_ctx=n_ctx,
-                                          n_threads=threads, n_threads_batch=threads, verbose=False)])
+            model_settings=[ModelSettings(model_alias=model_path.name, **settings)])
     except (ValueError, RuntimeError) as err:
         raise ServeError(f"{model_path}: llama.cpp could not load it ({err})") from None
-    tokenizers: dict[int, GGUFTokenizer] = {}
+    scorers: dict[int, tuple[LlamaCppScorer, GGUFTokenizer]] = {}  # per loaded model, built once
 
     @app.middleware("http")
     async def limit_body(request: Request, call_next):
@@ -136,11 +121,12 @@ def create_app(model_path: str | Path, *, api_key: str | None = None, n_ctx: int
             pairs, batch = parse_score_request(raw, max_pairs)
         except RequestError as err:
             return _error(err.status, err.message, err.param)
-        async with contextlib.asynccontextmanager(llama_app.get_llama_proxy)() as proxy:
+        async with llama.server_model() as proxy:
             llm = proxy(None)
-            tokenizer = tokenizers.setdefault(id(llm), GGUFTokenizer(llm))
+            if id(llm) not in scorers:
+                scorers[id(llm)] = LlamaCppScorer(llm), GGUFTokenizer(llm)
             try:
-                results = await run_in_threadpool(_score_all, LlamaCppScorer(llm), tokenizer, pairs, batch)
+                results = await run_in_threadpool(_score_all, *scorers[id(llm)], pairs, batch)
             except ScoreError as err:
                 return _error(422, str(err))
         return {"results": results} if batch else results[0]
@@ -160,46 +146,3 @@ def _score_all(scorer, tokenizer, pairs: list[PairText], batch: bool) -> list[di
         except ScoreError as err:
             raise ScoreError(f"pairs[{i}]: {err}" if batch else str(err)) from None
     return results
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextlib.contextmanager
-def running(model: str | Path, *args: str, env: dict | None = None, log: Path | None = None, timeout: float = 300):
-    """`orpo serve MODEL ARGS` in a subprocess on a free loopback port for the duration of the
-    block; yields its base URL. For the demo, benchmarks and tests."""
-    import httpx
-
-    own_log = log is None
-    log = Path(tempfile.mkstemp(prefix="orpo-serve-", suffix=".log")[1]) if own_log else Path(log)
-    port = free_port()
-    with log.open("w") as out:
-        proc = subprocess.Popen([str(Path(sys.executable).parent / "orpo"), "serve", str(model), "--port", str(port),
-                                 *args], env=env or os.environ, stdout=out, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + timeout
-        while not _healthy(httpx, url):
-            if proc.poll() is not None or time.time() > deadline:
-                raise RuntimeError(f"`orpo serve {model}` did not come up: {log.read_text()[-3000:]}")
-            time.sleep(0.2)
-        yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        if own_log:
-            log.unlink(missing_ok=True)
-
-
-def _healthy(httpx, url: str) -> bool:
-    try:
-        return httpx.get(f"{url}/health", timeout=1).status_code == 200
-    except httpx.TransportError:
-        return False

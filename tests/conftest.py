@@ -4,16 +4,14 @@ from __future__ import annotations
 
 import os
 
-for _key, _value in {
-    "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "disabled",
-    "AXOLOTL_DO_NOT_TRACK": "1", "DO_NOT_TRACK": "1", "TOKENIZERS_PARALLELISM": "false",
-    "CUDA_VISIBLE_DEVICES": "",
-}.items():
+from orpo_demo.env import OFFLINE  # noqa: E402
+
+for _key, _value in {**OFFLINE, "CUDA_VISIBLE_DEVICES": ""}.items():
     os.environ.setdefault(_key, _value)
 
 import pytest  # noqa: E402
 
-from orpo_plugin import tiny  # noqa: E402
+import tiny  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -7,7 +7,7 @@ import copy
 import torch
 from datasets import Dataset
 
-from orpo_plugin import tiny
+import tiny
 
 # Prompts end with ChatML's "assistant\n" and answers start with a letter or digit, so a
 # byte-level BPE never merges across the boundary: TRL's joint tokenization and our

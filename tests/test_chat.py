@@ -5,7 +5,7 @@ from __future__ import annotations
 import pexpect
 from test_cli import BIN, _env
 
-from orpo_plugin import tiny
+import tiny
 from serve.convert import convert
 
 

@@ -3,25 +3,23 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
 
-from orpo_plugin import tiny
+import tiny
+from orpo_demo.env import BIN, offline_env
 
 ROOT = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
 METRICS = ["loss", "nll_loss", "log_odds_ratio", "log_odds_chosen", "logps/chosen", "logps/rejected",
            "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies"]
 
 
 def _env():
-    env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}", AXOLOTL_METRIC_NDIGITS="12")
+    env = dict(offline_env(), AXOLOTL_METRIC_NDIGITS="12")
     env.pop("PYTEST_CURRENT_TEST", None)
     return env
 

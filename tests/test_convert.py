@@ -13,9 +13,9 @@ import pytest
 import torch
 from helpers import with_architecture
 
-from orpo_plugin import tiny
-from orpo_plugin import plugins
-from orpo_plugin.hookspecs import hookimpl
+import tiny
+from orpo_plugin.core import registry
+from orpo_plugin.core.hookspecs import hookimpl
 from serve.architectures import Architecture
 from serve.convert import ConversionError, convert, pre_tokenizer_name
 
@@ -169,12 +169,12 @@ def test_an_architecture_registered_through_the_hook_converts(sharp_models, tmp_
 
     plugin = types.SimpleNamespace(register_architectures=hookimpl(lambda register: register(
         Architecture("AcmeLlamaForCausalLM", gguf.MODEL_ARCH.LLAMA, permute_qk=True, add_metadata=stamp))))
-    plugins.pm.register(plugin, name="test-acme")
-    plugins.refresh()
+    registry.pm.register(plugin, name="test-acme")
+    registry.refresh()
     try:
         path = convert(renamed, tmp_path / "acme.gguf", "f32")
     finally:
-        plugins.pm.unregister(name="test-acme")
-        plugins.refresh()
+        registry.pm.unregister(name="test-acme")
+        registry.refresh()
     assert _text(gguf.GGUFReader(str(path)), "acme.source") == "AcmeLlamaForCausalLM"
     assert logit_error(sharp_models["llama"], path) <= TOLERANCE["f32"]

@@ -8,10 +8,10 @@ import json
 import pytest
 from axolotl.utils.dict import DictDefault
 
-from orpo_plugin import plugins
-from orpo_plugin.datasets import DatasetReport, OrpoDataError, normalize_rows, prepare_split, split_field_maps
-from orpo_plugin.formats import REASONS
-from orpo_plugin.pairs import CHOSEN, REJECTED, PairCollator
+from orpo_plugin.collate import CHOSEN, REJECTED, PairCollator
+from orpo_plugin.core.formats import REASONS, OrpoDataError, get_formats
+from orpo_plugin.core.rows import DatasetReport, normalize_rows
+from orpo_plugin.datasets import prepare_split, split_field_maps
 
 SYSTEM, QUESTION, GOOD, BAD = "Be brief.", "What is 2 + 3?", "2 + 3 = 5", "2 + 3 = 6"
 USER = {"role": "user", "content": QUESTION}
@@ -127,12 +127,26 @@ def test_unknown_and_ambiguous_shapes_list_what_was_found_and_what_is_accepted(t
         prepare_split(_cfg(tmp_path, [{"instruction": "x", "good": "a", "bad": "b"}]), tokenizer, "datasets")
     text = str(err.value)
     assert "columns found: bad, good, instruction" in text
-    for name in plugins.get_formats():
+    for name in get_formats():
         assert f"- {name}:" in text
     assert "field_prompt" in text
     with pytest.raises(OrpoDataError, match="several formats"):
         prepare_split(_cfg(tmp_path, [{"prompt": "p", "question": "q", "chosen": "a", "rejected": "b"}]),
                       tokenizer, "datasets")
+
+
+@pytest.mark.parametrize("first", [{"prompt": "Q", "chosen": "a"}, {"prompt": "p", "question": "q", "chosen": "a",
+                                                                   "rejected": "b"}, "{not json"],
+                         ids=["no-format", "two-formats", "invalid-json"])
+def test_a_bad_first_row_is_one_bad_row(first, tmp_path, tokenizer, caplog):
+    """Format detection survives bad rows: a first row of no shape, of two shapes, or not JSON
+    is skipped and counted under skip, and named by its row under error."""
+    rows = [first, VALID, {**VALID, "chosen": "2 + 3 = 5."}]
+    caplog.set_level("INFO")
+    pairs = prepare_split(_cfg(tmp_path, rows, on_bad_row="skip"), tokenizer, "datasets")
+    assert len(pairs) == 2 and "3 rows -> 2 pairs; skipped 1 bad rows" in caplog.text
+    with pytest.raises(OrpoDataError, match=r"prefs.jsonl row 0 \(line 1\): field '\((columns|line)\)'"):
+        prepare_split(_cfg(tmp_path, rows), tokenizer, "datasets")
 
 
 def test_truncation_keeps_the_prompt_end_and_counts_drops(tmp_path, tokenizer, caplog):
@@ -168,7 +182,7 @@ def test_field_keys_move_out_of_only_our_entries():
 def test_normalize_reports_format_and_counts():
     rows = [("row 0", VALID), ("row 1", {**VALID, "chosen": ""})]
     report = DatasetReport("mem")
-    pairs = normalize_rows(rows, plugins.get_formats(), {}, "mem", "skip", report)
+    pairs = normalize_rows(rows, get_formats(), {}, "mem", "skip", report)
     assert len(pairs) == 1 and report.format == "prompt" and report.skipped == {"empty": 1}
 
 
@@ -190,7 +204,7 @@ def test_strategy_resolves_under_axolotls_own_loader_for_rl_orpo(tmp_path, model
 
 
 def test_axolotls_chat_template_setting_overrides_the_tokenizers(tmp_path, tokenizer):
-    from orpo_plugin import tiny
+    import tiny
 
     bos_tokenizer = tiny.build_tokenizer(None, bos_token="<|endoftext|>")  # llama3's template writes BOS
     cfg = _cfg(tmp_path, [ROWS_BY_FORMAT["question"]])

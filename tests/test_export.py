@@ -14,7 +14,7 @@ from helpers import with_architecture
 from test_cli import BIN, _env, _train, _tiny_config
 from test_merge_quantize import _random_adapter
 
-from orpo_plugin import tiny
+import tiny
 
 
 def _orpo(*args, timeout=600):

@@ -16,12 +16,14 @@ from helpers import build_trainer, load_model, loss_metrics_grads, make_cfg, pai
 from pydantic import ValidationError
 from test_cli import _env, _tiny_config
 
-from orpo_plugin import PreferenceLoss, hookimpl, plugins
+from orpo_plugin import PreferenceLoss, hookimpl
+from orpo_plugin.core import registry
+from orpo_plugin.core.formats import get_formats
 
 ACME = textwrap.dedent('''
     """A third-party format: rows of instruction / good / bad."""
     from orpo_plugin import Pair, PreferenceFormat, hookimpl
-    from orpo_plugin.formats import distinct, text
+    from orpo_plugin.core.formats import distinct, text
 
     def to_pair(row):
         prompt = [{"role": "user", "content": text(row, "instruction")}]
@@ -46,16 +48,34 @@ def acme_site(tmp_path):
 
 
 def test_builtins_come_through_the_same_hooks():
-    assert {"prompt", "conversation", "question"} <= set(plugins.get_formats())
-    assert "orpo" in plugins.get_losses()
-    assert {"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM"} <= set(plugins.get_architectures())
-    names = {plugins.pm.get_name(p) for p in plugins.pm.get_plugins()}
-    assert set(plugins.DEFAULT_PLUGINS) <= names
+    from orpo_plugin.losses import get_losses
+    from serve.architectures import get_architectures
+
+    assert {"prompt", "conversation", "question"} <= set(get_formats())
+    assert "orpo" in get_losses()
+    assert {"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM"} <= set(get_architectures())
+    names = {registry.pm.get_name(p) for p in registry.pm.get_plugins()}
+    assert {"orpo_plugin.core.formats", "orpo_plugin.losses", "serve.architectures"} <= names
+
+
+def test_each_consumer_registers_only_its_own_hook():
+    """Looking up a loss (training) registers no GGUF architecture and imports neither gguf nor
+    serve; looking up formats (serving) imports no torch."""
+    code = ("import sys; from orpo_plugin.losses import get_losses; get_losses(); "
+            "from orpo_plugin.core import registry; "
+            "print(sorted(registry.pm.get_name(p) for p in registry.pm.get_plugins())); "
+            "print('gguf' in sys.modules, any(m.startswith('serve') for m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], env=_env(), capture_output=True, text=True, check=True)
+    assert out.stdout.splitlines() == ["['orpo_plugin.losses']", "False False"]
+    code = ("import sys; from orpo_plugin.core.formats import get_formats; print(sorted(get_formats())); "
+            "print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], env=_env(), capture_output=True, text=True, check=True)
+    assert out.stdout.splitlines() == ["['conversation', 'prompt', 'question']", "False"]
 
 
 def test_entry_point_format_is_discovered(acme_site):
     env = dict(_env(), PYTHONPATH=str(acme_site))
-    out = subprocess.run([sys.executable, "-c", "from orpo_plugin import plugins; print(sorted(plugins.get_formats()))"],
+    out = subprocess.run([sys.executable, "-c", "from orpo_plugin.core.formats import get_formats; print(sorted(get_formats()))"],
                          env=env, capture_output=True, text=True, check=True)
     assert "'acme'" in out.stdout
 
@@ -82,11 +102,11 @@ def _margin_penalty(chosen_avg, rejected_avg):
 def margin_loss():
     plugin = types.SimpleNamespace(register_losses=hookimpl(
         lambda register: register(PreferenceLoss("margin", _margin_penalty, include_nll=False))))
-    plugins.pm.register(plugin, name="test-margin")
-    plugins.refresh()
+    registry.pm.register(plugin, name="test-margin")
+    registry.refresh()
     yield
-    plugins.pm.unregister(name="test-margin")
-    plugins.refresh()
+    registry.pm.unregister(name="test-margin")
+    registry.refresh()
 
 
 def test_registered_loss_is_selected_by_orpo_loss(margin_loss, model_dirs, tokenizer, tmp_path, fresh_plugins):
@@ -108,11 +128,13 @@ def test_unknown_loss_name_lists_the_registered_ones(model_dirs, tmp_path, fresh
 def test_two_registrations_of_one_name_are_refused():
     plugin = types.SimpleNamespace(register_losses=hookimpl(
         lambda register: register(PreferenceLoss("orpo", _margin_penalty))))
-    plugins.pm.register(plugin, name="test-dup")
-    plugins.refresh()
+    from orpo_plugin.losses import get_losses
+
+    registry.pm.register(plugin, name="test-dup")
+    registry.refresh()
     try:
         with pytest.raises(ValueError, match="two plugins register 'orpo'"):
-            plugins.get_losses()
+            get_losses()
     finally:
-        plugins.pm.unregister(name="test-dup")
-        plugins.refresh()
+        registry.pm.unregister(name="test-dup")
+        registry.refresh()

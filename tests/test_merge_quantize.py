@@ -9,7 +9,7 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM
 
-from orpo_plugin import tiny
+import tiny
 from serve.convert import convert
 from serve.merge import MergeError, merge_adapter
 from serve.quantize import QuantizeError, quantize

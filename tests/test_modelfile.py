@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from orpo_plugin import tiny
+import tiny
 from serve.modelfile import FAMILIES, detect_family, modelfile_text, render_go_template, write_modelfile
 
 CONVERSATIONS = [

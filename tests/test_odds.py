@@ -9,7 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from orpo_plugin import odds
+from orpo_plugin.core import odds
 from orpo_plugin.logprobs import token_logprobs
 
 # Average log-probs a model can produce: from certain (0) to hopeless.

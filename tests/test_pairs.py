@@ -5,16 +5,16 @@ from __future__ import annotations
 import pytest
 from datasets import Dataset
 
-from orpo_plugin.pairs import (
-    CHOSEN, PROMPT, REJECTED, PairCollator, SharedPairCollator, tokenize_dataset, tokenize_pair,
-)
+from orpo_plugin.collate import CHOSEN, PROMPT, REJECTED, PairCollator, SharedPairCollator
+from orpo_plugin.core.tokenize import DROPPED_PROMPT, tokenize_pair
+from orpo_plugin.datasets import tokenize_dataset
 
 
 def test_response_ids_are_exactly_the_response_then_one_eos(tokenizer):
     prompt = tokenizer.apply_chat_template([{"role": "user", "content": "What is 2 + 3?"}],
                                            tokenize=False, add_generation_prompt=True)
     ids, reason = tokenize_pair(tokenizer, prompt, "2 + 3 = 5", "2 + 3 = 6", max_length=None)
-    assert reason is None
+    assert reason == ""
     eos = tokenizer.eos_token_id
     assert ids["prompt_input_ids"] == tokenizer(prompt, add_special_tokens=False)["input_ids"]
     assert ids["chosen_input_ids"] == tokenizer("2 + 3 = 5", add_special_tokens=False)["input_ids"] + [eos]
@@ -31,7 +31,7 @@ def test_rendered_turn_ending_keeps_a_single_eos(tokenizer):
 
 def test_bos_is_added_once():
     """A Llama-style tokenizer (it adds BOS itself): one BOS, also when the text has one."""
-    from orpo_plugin import tiny
+    import tiny
 
     tok = tiny.build_tokenizer(None, bos_token="<|endoftext|>")
     plain, _ = tokenize_pair(tok, "Hello", "a", "b", None)
@@ -53,8 +53,8 @@ def test_truncation_cuts_responses_and_drops_prompts_that_fill_the_budget(tokeni
 
     ds = Dataset.from_list([{"prompt": "Question here", "chosen": long_answer, "rejected": "short"},
                             {"prompt": "a much longer question than the budget", "chosen": "x", "rejected": "y"}])
-    tokenized, n_dropped = tokenize_dataset(ds, tokenizer, max_length=6)
-    assert n_dropped == 1 and len(tokenized) == 1
+    tokenized, notes = tokenize_dataset(ds, tokenizer, max_length=6)
+    assert notes[DROPPED_PROMPT] == 1 and len(tokenized) == 1
     assert all(len(r) > 0 for r in tokenized["rejected_input_ids"])
 
 

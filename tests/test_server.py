@@ -14,10 +14,10 @@ import torch
 from test_cli import BIN, _env
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from orpo_plugin import tiny
+import tiny
 from serve.convert import convert
 from serve.scoring import HFScorer, LlamaCppScorer, PairText, encode_pair, score_ids, score_pair
-from serve.server import free_port, running
+from orpo_demo.serving import free_port, running
 
 KEY = "test-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -201,3 +201,85 @@ def test_a_file_that_is_not_a_loadable_gguf_is_refused_at_startup(tmp_path):
         proc = subprocess.run([str(BIN / "orpo"), "serve", str(path), "--port", str(free_port())], env=_env(),
                               capture_output=True, text=True, timeout=120)
         assert proc.returncode == 1 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+
+
+def _cached_positions(llm) -> int:
+    """How many positions llama.cpp's KV cache really holds for sequence 0."""
+    return llama_cpp.llama_memory_seq_pos_max(llama_cpp.llama_get_memory(llm._ctx.ctx), 0) + 1
+
+
+def _greedy(llm, tokens: list[int], n: int = 4) -> list[int]:
+    """n greedy tokens through Llama.generate, which reuses the cached prefix it believes in."""
+    import itertools
+
+    return list(itertools.islice(llm.generate(tokens, temp=0.0), n))
+
+
+@pytest.fixture()
+def llm(model):
+    from serve.llama import open_gguf
+
+    llm = open_gguf(model["f32"], n_ctx=512, threads=2, n_batch=8)
+    yield llm
+    llm.close()
+
+
+def _check_follow_up(llm, model, tokens):
+    """llama-cpp-python's view of its cache is true, and a generation that extends what was scored
+    (its prefix reuse trusts that view) equals one on a fresh model."""
+    from serve.llama import open_gguf
+
+    assert llm.n_tokens == _cached_positions(llm)
+    fresh = open_gguf(model["f32"], n_ctx=512, threads=2, n_batch=8)
+    try:
+        assert _greedy(llm, tokens) == _greedy(fresh, tokens)
+    finally:
+        fresh.close()
+
+
+def test_a_one_token_answer_leaves_the_cache_as_llama_cpp_believes(llm, model):
+    from serve.scoring import GGUFTokenizer
+
+    tokenizer = GGUFTokenizer(llm)
+    prompt, chosen, rejected = encode_pair(tokenizer, PairText("What is 2 + 2?", "The answer is four.", "<|im_end|>"))
+    assert len(rejected) == 1
+    score_ids(LlamaCppScorer(llm), prompt, chosen, rejected)
+    _check_follow_up(llm, model, prompt + chosen[:-1] + tokenizer(" More", add_special_tokens=False)["input_ids"])
+
+
+def test_a_failed_decode_leaves_the_cache_as_llama_cpp_believes(llm, model):
+    from serve.scoring import GGUFTokenizer
+
+    tokenizer = GGUFTokenizer(llm)
+    prompt, chosen, _ = encode_pair(tokenizer, PairText("What is 2 + 2?", "The answer is four.", "x"))
+    with pytest.raises(RuntimeError):  # a token id outside the vocabulary: llama_decode fails mid-answer
+        score_ids(LlamaCppScorer(llm), prompt, chosen, [5, 6, llm.n_vocab() + 7, 8, 9, 10, 11, 12, 13, 14])
+    _check_follow_up(llm, model, prompt + chosen[:-1])
+
+
+def test_score_route_builds_its_scorer_once(model, monkeypatch):
+    from fastapi.testclient import TestClient
+
+    from serve import server
+
+    built = []
+
+    class Counting(server.GGUFTokenizer):
+        def __init__(self, llm):
+            built.append(llm)
+            super().__init__(llm)
+
+    monkeypatch.setattr(server, "GGUFTokenizer", Counting)
+    with TestClient(server.create_app(model["f16"], n_ctx=256, n_threads=2)) as client:
+        for _ in range(3):
+            assert client.post("/v1/score", json=PAIRS[0]).status_code == 200
+    assert len(built) == 1
+
+
+def test_the_server_harness_leaves_no_file_open(model):
+    import os
+
+    before = sorted(os.listdir("/proc/self/fd"))
+    with running(model["f16"], "--n-ctx", "256", "--n-threads", "2") as url:
+        assert httpx.get(f"{url}/health").status_code == 200
+    assert sorted(os.listdir("/proc/self/fd")) == before

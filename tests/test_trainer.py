@@ -186,7 +186,7 @@ def test_prefix_sharing_equals_the_unshared_computation(arch, lora, packing, che
                                                          model_dirs, tokenizer, tmp_path, fresh_plugins):
     from axolotl.integrations.base import PluginManager
 
-    from orpo_plugin.pairs import PairCollator, SharedPairCollator
+    from orpo_plugin.collate import PairCollator, SharedPairCollator
 
     results = []
     for sharing in (False, True):
@@ -218,7 +218,7 @@ def test_prefix_sharing_equals_the_unshared_computation(arch, lora, packing, che
 
 def test_backends_without_custom_masks_fall_back_to_unshared_with_a_warning(model_dirs, tokenizer, tmp_path,
                                                                            fresh_plugins, caplog):
-    from orpo_plugin.pairs import PairCollator
+    from orpo_plugin.collate import PairCollator
     from orpo_plugin.trainer import use_prefix_sharing
 
     model = load_model(model_dirs["llama"], lora=False)
@@ -231,3 +231,54 @@ def test_backends_without_custom_masks_fall_back_to_unshared_with_a_warning(mode
     assert use_prefix_sharing(OrpoSettings(), model) and not use_prefix_sharing(OrpoSettings(prefix_sharing=False), model)
     cfg = make_cfg(model_dirs["llama"], tmp_path, orpo_prefix_sharing=False)
     assert type(build_trainer(cfg, model, tokenizer, pair_dataset(tokenizer)).data_collator) is PairCollator
+
+
+def test_log_history_holds_each_entry_once(model_dirs, tokenizer, tmp_path, fresh_plugins):
+    """configure() runs again from the plugin's post_trainer_create; the writer is added once."""
+    import json
+
+    from orpo_plugin.trainer import LOG_HISTORY, LogHistoryWriter
+
+    cfg = make_cfg(model_dirs["llama"], tmp_path, max_steps=3)
+    trainer = build_trainer(cfg, load_model(model_dirs["llama"], lora=True), tokenizer, pair_dataset(tokenizer))
+    assert sum(isinstance(cb, LogHistoryWriter) for cb in trainer.callback_handler.callbacks) == 1
+    trainer.train()
+    lines = (tmp_path / LOG_HISTORY).read_text().splitlines()
+    assert [json.loads(line) for line in lines] == trainer.state.log_history and len(lines) >= 3
+
+
+def _mixed_dtype(model):
+    """bf16 layers behind fp32 embeddings that hand bf16 on (as a model with upcast embeddings, or
+    a quantized one, does): the first parameter's dtype is not the attention's."""
+    model.to(torch.bfloat16)
+    embed = model.get_input_embeddings().float()
+    embed.register_forward_hook(lambda module, args, out: out.to(torch.bfloat16))
+    return model
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "eager"])
+def test_prefix_sharing_on_a_model_whose_first_parameter_is_not_the_attention_dtype(
+        backend, model_dirs, tokenizer, tmp_path, fresh_plugins):
+    from axolotl.integrations.base import PluginManager
+
+    seen = []
+    results = []
+    for sharing in (False, True):
+        PluginManager._instance = None
+        cfg = make_cfg(model_dirs["llama"], tmp_path / str(sharing), orpo_prefix_sharing=sharing, micro_batch_size=8)
+        model = _mixed_dtype(_sharpen(load_model(model_dirs["llama"], lora=False)))
+        model.config._attn_implementation = backend
+        assert model.dtype == torch.float32 and model.model.layers[0].self_attn.q_proj.weight.dtype == torch.bfloat16
+        attention = model.model.layers[0].self_attn
+        attention.register_forward_pre_hook(
+            lambda module, args, kwargs: seen.append((kwargs["hidden_states"].dtype, kwargs["attention_mask"])),
+            with_kwargs=True)
+        trainer = build_trainer(cfg, model, tokenizer, pair_dataset(tokenizer))
+        results.append(loss_metrics_grads(trainer, model))
+    hidden_dtype, mask = seen[-1]
+    assert mask.dim() == 4 and hidden_dtype == torch.bfloat16
+    if backend == "sdpa":  # a float mask must match the query's dtype in SDPA's fused GPU kernels
+        assert mask.dtype == torch.bool
+    (l0, m0, _), (l1, m1, _) = results
+    assert l1 == pytest.approx(l0, rel=2e-2)
+    assert m1["rewards/accuracies"] == m0["rewards/accuracies"]

@@ -11,9 +11,14 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from orpo_plugin.hookspecs import hookimpl
+from orpo_plugin.core import registry
+from orpo_plugin.core.hookspecs import hookimpl
 
 ROLES = ("system", "user", "assistant")
+
+
+class OrpoDataError(ValueError):
+    """Bad input data: the message names the dataset, the row, the field and the fix."""
 
 
 class BadRow(ValueError):
@@ -36,6 +41,8 @@ REASONS = {
     "unknown_role": "unknown role",
     "bad_message": "malformed message",
     "invalid_json": "invalid JSON line",
+    "unknown_format": "matches no preference format",
+    "ambiguous_format": "matches several preference formats",
 }
 
 
@@ -197,3 +204,6 @@ BUILTIN_FORMATS = (
 def register_formats(register):
     for fmt in BUILTIN_FORMATS:
         register(fmt)
+
+
+get_formats = registry.registered("register_formats", __name__)

@@ -5,45 +5,43 @@ merge-and-quantize` (f16, q8_0, q4_k_m) -> `orpo serve` (one /v1/score, one chat
 on the held-out pairs for the base, the trained adapter and each GGUF -> greedy answers to
 held-out questions -> `orpo plot` -> one summary table (also OUT/summary.json).
 
-    python -m serve.demo [--out build/demo] [--steps N]
+    python -m orpo_demo [--out build/demo] [--steps N]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
-import sys
 import time
+from importlib import resources
 from pathlib import Path
 
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
+from orpo_demo.env import BIN, offline_env
+from orpo_plugin.core.atomic import write_json
+
 QUANTS = ("f16", "q8_0", "q4_k_m")
-
-
-def _env() -> dict:
-    # Axolotl's default launcher runs `accelerate` from PATH; nothing is downloaded.
-    return dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", HF_HUB_OFFLINE="1",
-                HF_DATASETS_OFFLINE="1", WANDB_MODE="disabled", AXOLOTL_DO_NOT_TRACK="1", DO_NOT_TRACK="1",
-                TOKENIZERS_PARALLELISM="false")
+CONFIG = "tiny-cpu.yml"  # shipped in this package; example_configs/tiny-cpu.yml links to it
 
 
 def _run(*args, cwd: Path, log: Path) -> str:
     """Run a CLI with its output in a log file; on failure show the log's end and stop."""
     with log.open("w") as f:
-        proc = subprocess.run([str(a) for a in args], cwd=cwd, env=_env(), stdout=f, stderr=subprocess.STDOUT)
+        proc = subprocess.run([str(a) for a in args], cwd=cwd, env=offline_env(), stdout=f, stderr=subprocess.STDOUT)
     if proc.returncode:
         raise SystemExit(f"demo: `{' '.join(map(str, args))}` failed; the end of {log}:\n"
                          + log.read_text()[-3000:])
     return log.read_text()
 
 
+def base_config() -> dict:
+    return yaml.safe_load(resources.files("orpo_demo").joinpath(CONFIG).read_text())
+
+
 def write_config(out: Path, steps: int | None) -> Path:
-    cfg = yaml.safe_load((ROOT / "example_configs" / "tiny-cpu.yml").read_text())
+    cfg = base_config()
     cfg["base_model"] = str(out / "tiny" / "model")
     cfg["datasets"][0]["path"] = str(out / "tiny" / "data" / "train.jsonl")
     cfg["test_datasets"][0]["path"] = str(out / "tiny" / "data" / "eval.jsonl")
@@ -61,9 +59,9 @@ def serve_once(gguf: Path, pairs: list[dict], questions: list[str], log: Path) -
     """Start `orpo serve`, score held-out pairs in one batch, ask held-out questions, stop."""
     import httpx
 
-    from serve.server import running
+    from orpo_demo.serving import running
 
-    with running(gguf, "--n-ctx", "512", env=_env(), log=log) as url:
+    with running(gguf, "--n-ctx", "512", log=log) as url:
         score = httpx.post(f"{url}/v1/score", json={"pairs": pairs}, timeout=60)
         score.raise_for_status()
         chats = []
@@ -78,14 +76,11 @@ def serve_once(gguf: Path, pairs: list[dict], questions: list[str], log: Path) -
 def greedy_answers(model: Path, kind: str, questions: list[str]) -> list[str]:
     """Greedy chat replies, through llama.cpp for a GGUF and transformers otherwise."""
     if kind == "gguf":
-        import llama_cpp
+        from serve.llama import opened
 
-        llm = llama_cpp.Llama(model_path=str(model), n_ctx=256, n_threads=os.cpu_count() or 1, verbose=False)
-        try:
+        with opened(model, n_ctx=256) as llm:
             return [llm.create_chat_completion([{"role": "user", "content": q}], max_tokens=24, temperature=0)
                     ["choices"][0]["message"]["content"] for q in questions]
-        finally:
-            llm.close()
     import torch
     from transformers import AutoTokenizer
 
@@ -119,7 +114,7 @@ def summary_table(models: list[dict], stages: dict[str, float]) -> str:
 
 
 def run(out: Path, steps: int | None, eval_pairs: int, questions: int) -> dict:
-    from orpo_plugin import tiny
+    from orpo_demo import build
     from serve.plot import plot
 
     out.mkdir(parents=True, exist_ok=True)
@@ -134,7 +129,7 @@ def run(out: Path, steps: int | None, eval_pairs: int, questions: int) -> dict:
         stages[name] = time.perf_counter() - stages[name]
 
     stage("build model and data")
-    tiny.build_default(out / "tiny")
+    build.build_default(out / "tiny")
     config = write_config(out, steps)
     done("build model and data")
 
@@ -184,7 +179,7 @@ def run(out: Path, steps: int | None, eval_pairs: int, questions: int) -> dict:
 
     summary = {"models": rows, "stages_s": stages, "served": served, "plot": str(png),
                "targets": targets(rows)}
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    write_json(out / "summary.json", summary)
     return summary
 
 
@@ -198,7 +193,7 @@ def targets(rows: list[dict]) -> dict:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--out", type=Path, default=ROOT / "build" / "demo")
+    parser.add_argument("--out", type=Path, default=Path("build") / "demo")
     parser.add_argument("--steps", type=int, default=None, help="training steps [default: the config's]")
     parser.add_argument("--eval-pairs", type=int, default=200, help="held-out pairs to score")
     parser.add_argument("--questions", type=int, default=50, help="held-out questions to answer greedily")

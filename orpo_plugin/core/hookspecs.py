@@ -5,13 +5,14 @@
     my_formats = "my_package.orpo_formats"
 
 The built-in formats, the ORPO loss and the GGUF architectures are registered through these
-same hooks.
+same hooks, each by the side of the project that uses it.
 """
 
 import pluggy
 
-hookspec = pluggy.HookspecMarker("orpo_plugin")
-hookimpl = pluggy.HookimplMarker("orpo_plugin")
+PROJECT = "orpo_plugin"
+hookspec = pluggy.HookspecMarker(PROJECT)
+hookimpl = pluggy.HookimplMarker(PROJECT)
 
 
 @hookspec

@@ -1,9 +1,8 @@
-"""The embedded default: a tokenizer, tiny random models and preference data built locally.
+"""The demo's model and data, built locally: a byte-level BPE tokenizer trained with `tokenizers`,
+a small random Llama, and unit-conversion preference pairs. Nothing is downloaded; fixed seeds
+make every build the same bytes. The tests build their fixtures on these functions too.
 
-Nothing here is downloaded. Tests, the example config and the demo build their model from
-these functions, so every run starts from the same bytes (fixed seeds).
-
-    python -m orpo_plugin.tiny build/tiny      # writes build/tiny/{model,data}
+    python -m orpo_demo.build build/tiny      # writes build/tiny/{model,data}
 """
 
 from __future__ import annotations
@@ -13,6 +12,8 @@ import json
 import random
 from pathlib import Path
 
+from orpo_plugin.core.atomic import write_text
+
 CHATML_TEMPLATE = (
     "{% for message in messages %}"
     "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
@@ -20,21 +21,6 @@ CHATML_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-
-# Widths are multiples of 32 so that GGUF block quantization applies (see serve/).
-_SMALL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4)
-ARCHITECTURES = {
-    "llama": dict(_SMALL, cls="LlamaForCausalLM", num_key_value_heads=2, tie_word_embeddings=False),
-    "llama-tied": dict(_SMALL, cls="LlamaForCausalLM", num_key_value_heads=2, tie_word_embeddings=True),
-    "mistral": dict(_SMALL, cls="MistralForCausalLM", num_key_value_heads=1, tie_word_embeddings=False),
-    "qwen2": dict(_SMALL, cls="Qwen2ForCausalLM", num_key_value_heads=2, tie_word_embeddings=True),
-    # The embedded default used by example_configs/tiny-cpu.yml.
-    # A wider init than HF's 0.02: LoRA cannot train the LM head or the final norm, and at 0.02
-    # the logits stay too small for the trained model to be confident (about -3.8 per token).
-    "demo": dict(cls="LlamaForCausalLM", hidden_size=128, intermediate_size=256, num_hidden_layers=4,
-                 num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False, initializer_range=0.1),
-}
-
 
 def _corpus(n_lines: int, seed: int) -> list[str]:
     rng = random.Random(seed)
@@ -102,54 +88,21 @@ def build_tokenizer(out_dir: str | Path, vocab_size: int = 512, seed: int = 0, b
     return hf
 
 
-MISTRAL_TEMPLATE = (
-    "{{ bos_token }}{% for message in messages %}"
-    "{% if message['role'] == 'user' %}{{ '[INST] ' + message['content'] + ' [/INST]' }}"
-    "{% else %}{{ message['content'] + eos_token }}{% endif %}{% endfor %}"
-)
+DEMO_MODEL = dict(cls="LlamaForCausalLM", hidden_size=128, intermediate_size=256, num_hidden_layers=4,
+                  num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False,
+                  # A wider init than HF's 0.02: LoRA cannot train the LM head or the final norm, and at
+                  # 0.02 the logits stay too small for the trained model to be confident.
+                  initializer_range=0.1)
 
 
-def build_spm_tokenizer(out_dir: str | Path | None, vocab_size: int = 600, seed: int = 0):
-    """A SentencePiece-style tokenizer as Llama-2 and Mistral v0.1 ship it in tokenizer.json: BPE
-    over "▁"-joined words with byte fallback (<0x00>..<0xFF> in the vocabulary), <s> added in
-    front of every encoding, </s> as EOS."""
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    specials = ["<unk>", "<s>", "</s>"]
-    byte_tokens = [f"<0x{b:02X}>" for b in range(256)]
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size - len(byte_tokens), special_tokens=specials,
-                                  limit_alphabet=80, show_progress=False)
-    draft = Tokenizer(models.BPE(unk_token="<unk>"))
-    draft.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always", split=True)
-    draft.train_from_iterator([line for line in _corpus(3000, seed) if "<|" not in line], trainer=trainer)
-    learned = json.loads(draft.to_str())["model"]
-    # Ids as in Llama-2: specials, then the 256 byte tokens, then the learned pieces.
-    order = specials + byte_tokens + [t for t, _ in sorted(learned["vocab"].items(), key=lambda kv: kv[1])
-                                      if t not in specials]
-    vocab = {token: i for i, token in enumerate(order)}
-    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in learned["merges"]]
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>", byte_fallback=True, fuse_unk=True))
-    tok.add_special_tokens(specials)
-    tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
-    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
-                                     decoders.Strip(" ", 1, 0)])
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
-                                                       special_tokens=[("<s>", vocab["<s>"])])
-    hf = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
-    hf.chat_template = MISTRAL_TEMPLATE
-    hf.model_max_length = 2048
-    if out_dir is not None:
-        hf.save_pretrained(str(out_dir))
-    return hf
-
-
-def build_model(arch: str, out_dir: str | Path, tokenizer=None, seed: int = 0, **overrides):
-    """Random-init model of a fixture architecture, saved with its tokenizer to out_dir."""
+def build_model(spec: dict, out_dir: str | Path | None, tokenizer=None, seed: int = 0):
+    """A random-init model of spec (a transformers class name under "cls", then config keys),
+    saved with its tokenizer to out_dir. Widths should be multiples of 32 so that GGUF block
+    quantization applies."""
     import torch
     import transformers
 
-    spec = dict(ARCHITECTURES[arch], **overrides)
+    spec = dict(spec)
     cls = getattr(transformers, spec.pop("cls"))
     tokenizer = tokenizer or build_tokenizer(None)
     spec.setdefault("vocab_size", len(tokenizer))
@@ -164,32 +117,10 @@ def build_model(arch: str, out_dir: str | Path, tokenizer=None, seed: int = 0, *
     torch.manual_seed(seed)
     model = cls(config)
     model.generation_config.eos_token_id = tokenizer.eos_token_id
-    model.save_pretrained(str(out_dir))
-    tokenizer.save_pretrained(str(out_dir))
+    if out_dir is not None:
+        model.save_pretrained(str(out_dir))
+        tokenizer.save_pretrained(str(out_dir))
     return model
-
-
-def arithmetic_pairs(n: int, seed: int) -> list[dict]:
-    """Preference pairs with a crisp right answer: chosen is correct, rejected is off by a little."""
-    rng = random.Random(seed)
-    rows = []
-    for _ in range(n):
-        a, b = rng.randint(0, 99), rng.randint(0, 99)
-        question = f"What is {a} + {b}?"
-        wrong = a + b + rng.choice([-10, -2, -1, 1, 2, 10])
-        rows.append(
-            {
-                "chosen": [
-                    {"role": "user", "content": question},
-                    {"role": "assistant", "content": f"{a} + {b} = {a + b}"},
-                ],
-                "rejected": [
-                    {"role": "user", "content": question},
-                    {"role": "assistant", "content": f"{a} + {b} = {wrong}"},
-                ],
-            }
-        )
-    return rows
 
 
 # The demo task: unit conversion. The right answer copies the number and appends as many zeros
@@ -234,10 +165,7 @@ def conversion_pairs(n: int, seed: int) -> list[dict]:
 def write_jsonl(rows: list[dict], path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    tmp.replace(path)
-    return path
+    return write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
 
 
 def build_default(out_dir: str | Path, n_train: int = 2000, n_eval: int = 200) -> Path:
@@ -246,7 +174,7 @@ def build_default(out_dir: str | Path, n_train: int = 2000, n_eval: int = 200) -
     rng = random.Random(7)
     corpus = [" ".join(conversion_question(rng)) for _ in range(3000)]
     tokenizer = build_tokenizer(out_dir / "model", single_digits=True, extra_corpus=corpus)
-    build_model("demo", out_dir / "model", tokenizer=tokenizer)
+    build_model(DEMO_MODEL, out_dir / "model", tokenizer=tokenizer)
     write_jsonl(conversion_pairs(n_train, seed=1), out_dir / "data" / "train.jsonl")
     write_jsonl(conversion_pairs(n_eval, seed=2), out_dir / "data" / "eval.jsonl")
     return out_dir

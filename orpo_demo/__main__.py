@@ -1,0 +1,3 @@
+from orpo_demo.run import main
+
+main()

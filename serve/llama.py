@@ -1,0 +1,135 @@
+"""Everything this project uses of llama-cpp-python beyond its documented API, in one module.
+
+- Scoring decodes on the model's own context and batch (`Llama._ctx`, `Llama._batch`) to read
+  logits of chosen rows only, and keeps llama-cpp-python's record of the KV cache
+  (`Llama.n_tokens`, `Llama.input_ids`, which `generate` uses to reuse a cached prefix) in step
+  with what is really cached.
+- The server's /v1/score borrows the model from llama_cpp.server's proxy (`get_llama_proxy`), so
+  scoring and generation share one model and one lock.
+
+These are tested with the versions in TESTED_VERSIONS; any other stops with one message.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+
+import llama_cpp
+import numpy as np
+
+TESTED_VERSIONS = ("0.3.36",)
+
+
+class LlamaVersionError(RuntimeError):
+    pass
+
+
+def check_version() -> None:
+    if llama_cpp.__version__ not in TESTED_VERSIONS:
+        raise LlamaVersionError(
+            f"llama-cpp-python {llama_cpp.__version__} is not a version this project was tested with "
+            f"({', '.join(TESTED_VERSIONS)}): scoring reads its internals (see serve/llama.py). Install "
+            f"llama-cpp-python=={TESTED_VERSIONS[-1]}.")
+
+
+class GGUFError(ValueError):
+    """A model file that is not a GGUF; the message names it and what to pass instead."""
+
+
+def is_gguf(path: str | Path) -> bool:
+    """A file that starts with GGUF's magic bytes."""
+    path = Path(path)
+    if not path.is_file():
+        return False
+    with path.open("rb") as f:
+        return f.read(4) == b"GGUF"
+
+
+def check_gguf(path: str | Path) -> Path:
+    path = Path(path)
+    if not path.is_file():
+        raise GGUFError(f"{path}: no such file; pass a .gguf written by `orpo merge-and-quantize`")
+    if not is_gguf(path):
+        raise GGUFError(f"{path}: not a GGUF file (no GGUF magic); pass a .gguf written by `orpo merge-and-quantize`")
+    return path
+
+
+def default_threads() -> int:
+    """Every core (llama-cpp-python's own default is half of them)."""
+    return max(1, os.cpu_count() or 1)
+
+
+def settings(path: str | Path, n_ctx: int = 4096, threads: int | None = None, **extra) -> dict:
+    """The keyword arguments every Llama of this project is opened with (also the server's
+    ModelSettings)."""
+    threads = threads or default_threads()
+    return dict(model_path=str(path), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads, verbose=False,
+                **extra)
+
+
+def open_gguf(path: str | Path, n_ctx: int = 4096, threads: int | None = None, **extra) -> llama_cpp.Llama:
+    """The one way to load a GGUF with llama.cpp here."""
+    check_version()
+    check_gguf(path)
+    return llama_cpp.Llama(**settings(path, n_ctx, threads, **extra))
+
+
+@contextlib.contextmanager
+def opened(path: str | Path, n_ctx: int = 4096, threads: int | None = None, **extra):
+    llm = open_gguf(path, n_ctx, threads, **extra)
+    try:
+        yield llm
+    finally:
+        llm.close()
+
+
+class KVCache:
+    """Decoding on a Llama's KV cache (sequence 0) with llama-cpp-python's view of it kept true:
+    after every call, `n_tokens` and `input_ids[:n_tokens]` describe exactly the cached positions,
+    also when a decode fails (then the cache is emptied), so a chat that follows reuses only cache
+    that exists."""
+
+    def __init__(self, llm: llama_cpp.Llama):
+        self.llm = llm
+
+    @property
+    def n_ctx(self) -> int:
+        return self.llm.n_ctx()
+
+    def clear(self) -> None:
+        self.llm._ctx.kv_cache_clear()
+        self.llm.n_tokens = 0
+
+    def truncate(self, n: int) -> None:
+        """Keep positions [0, n)."""
+        if n < self.llm.n_tokens:
+            self.llm._ctx.kv_cache_seq_rm(-1, n, -1)
+            self.llm.n_tokens = n
+
+    def decode(self, tokens: list[int], every_row: bool) -> np.ndarray:
+        """Append tokens after the cached ones; returns the logits of every new row [len, vocab],
+        or of the last one [1, vocab], as float32 copies."""
+        llm, rows = self.llm, []
+        try:
+            for start in range(0, len(tokens), llm.n_batch):
+                batch = tokens[start:start + llm.n_batch]
+                llm._batch.set_batch(batch=batch, n_past=llm.n_tokens, logits_all=every_row)
+                llm._ctx.decode(llm._batch)
+                llm.input_ids[llm.n_tokens:llm.n_tokens + len(batch)] = batch
+                llm.n_tokens += len(batch)
+                n_out = len(batch) if every_row else 1
+                logits = np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(n_out * llm.n_vocab(),))
+                rows.append(logits.reshape(n_out, -1).copy())
+        except BaseException:
+            self.clear()  # a failed decode may have cached part of a batch: trust nothing
+            raise
+        return np.concatenate(rows if every_row else rows[-1:])
+
+
+def server_model():
+    """An async context manager lending llama_cpp.server's model (with its lock held) to a route."""
+    from llama_cpp.server import app as llama_app
+
+    return contextlib.asynccontextmanager(llama_app.get_llama_proxy)()

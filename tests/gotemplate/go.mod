@@ -1,0 +1,3 @@
+module orpotests/gotemplate
+
+go 1.19

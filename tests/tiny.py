@@ -1,0 +1,92 @@
+"""Test fixtures: tiny random models of the architectures the exporter supports, and tokenizers of
+the kinds real checkpoints ship, all built locally on the demo's builders (orpo_demo.build)."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+from orpo_demo.build import (CHATML_TEMPLATE, DEMO_MODEL, SPECIAL_TOKENS, _corpus, build_default,  # noqa: F401
+                             build_tokenizer, conversion_pairs, write_jsonl)
+from orpo_demo.build import build_model as build_spec
+
+# Widths are multiples of 32 so that GGUF block quantization applies (see serve/).
+_SMALL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4)
+ARCHITECTURES = {
+    "llama": dict(_SMALL, cls="LlamaForCausalLM", num_key_value_heads=2, tie_word_embeddings=False),
+    "llama-tied": dict(_SMALL, cls="LlamaForCausalLM", num_key_value_heads=2, tie_word_embeddings=True),
+    "mistral": dict(_SMALL, cls="MistralForCausalLM", num_key_value_heads=1, tie_word_embeddings=False),
+    "qwen2": dict(_SMALL, cls="Qwen2ForCausalLM", num_key_value_heads=2, tie_word_embeddings=True),
+    "demo": DEMO_MODEL,
+}
+
+
+MISTRAL_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{% if message['role'] == 'user' %}{{ '[INST] ' + message['content'] + ' [/INST]' }}"
+    "{% else %}{{ message['content'] + eos_token }}{% endif %}{% endfor %}"
+)
+
+
+def build_spm_tokenizer(out_dir: str | Path | None, vocab_size: int = 600, seed: int = 0):
+    """A SentencePiece-style tokenizer as Llama-2 and Mistral v0.1 ship it in tokenizer.json: BPE
+    over "▁"-joined words with byte fallback (<0x00>..<0xFF> in the vocabulary), <s> added in
+    front of every encoding, </s> as EOS."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<unk>", "<s>", "</s>"]
+    byte_tokens = [f"<0x{b:02X}>" for b in range(256)]
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size - len(byte_tokens), special_tokens=specials,
+                                  limit_alphabet=80, show_progress=False)
+    draft = Tokenizer(models.BPE(unk_token="<unk>"))
+    draft.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always", split=True)
+    draft.train_from_iterator([line for line in _corpus(3000, seed) if "<|" not in line], trainer=trainer)
+    learned = json.loads(draft.to_str())["model"]
+    # Ids as in Llama-2: specials, then the 256 byte tokens, then the learned pieces.
+    order = specials + byte_tokens + [t for t, _ in sorted(learned["vocab"].items(), key=lambda kv: kv[1])
+                                      if t not in specials]
+    vocab = {token: i for i, token in enumerate(order)}
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in learned["merges"]]
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    tok.add_special_tokens(specials)
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                       special_tokens=[("<s>", vocab["<s>"])])
+    hf = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    hf.chat_template = MISTRAL_TEMPLATE
+    hf.model_max_length = 2048
+    if out_dir is not None:
+        hf.save_pretrained(str(out_dir))
+    return hf
+
+
+def build_model(arch: str, out_dir: str | Path, tokenizer=None, seed: int = 0, **overrides):
+    """Random-init model of a fixture architecture, saved with its tokenizer to out_dir."""
+    return build_spec(dict(ARCHITECTURES[arch], **overrides), out_dir, tokenizer=tokenizer, seed=seed)
+
+
+def arithmetic_pairs(n: int, seed: int) -> list[dict]:
+    """Preference pairs with a crisp right answer: chosen is correct, rejected is off by a little."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        a, b = rng.randint(0, 99), rng.randint(0, 99)
+        question = f"What is {a} + {b}?"
+        wrong = a + b + rng.choice([-10, -2, -1, 1, 2, 10])
+        rows.append(
+            {
+                "chosen": [
+                    {"role": "user", "content": question},
+                    {"role": "assistant", "content": f"{a} + {b} = {a + b}"},
+                ],
+                "rejected": [
+                    {"role": "user", "content": question},
+                    {"role": "assistant", "content": f"{a} + {b} = {wrong}"},
+                ],
+            }
+        )
+    return rows
