@@ -115,7 +115,8 @@ def export(base: str | Path, adapter: str | Path | None, out_dir: str | Path, qu
         report = parity(model_dir, tokenizer, files, threads)
         times["parity_s"] = time.perf_counter() - start
         chosen = next((q for q in PREFERRED_FOR_MODELFILE if q in files), quants[0])
-        write_modelfile(out_dir, files[chosen].name, tokenizer.chat_template, num_ctx, tokenizer.eos_token or "</s>")
+        write_modelfile(out_dir, files[chosen].name, tokenizer.chat_template, num_ctx, tokenizer.eos_token or "</s>",
+                        tokenizer.bos_token)
     report.update({
         "base": str(base), "adapter": str(adapter) if adapter else None, "times": times,
         "files": {q: {"path": p.name, "bytes": p.stat().st_size} for q, p in files.items()},

@@ -40,7 +40,7 @@ def test_demo_pipeline_end_to_end(tmp_path, installed):
     by = {m["name"]: m for m in summary["models"]}
     base, trained = by["base (untrained)"], by["trained (HF + LoRA)"]
     assert 0.3 <= base["accuracy"] <= 0.7 and base["exact"] <= 0.1
-    assert trained["accuracy"] >= 0.9 and trained["mean_log_odds_ratio"] > base["mean_log_odds_ratio"] + 1
+    assert trained["accuracy"] >= 0.9 and trained["mean_log_odds_ratio"] > base["mean_log_odds_ratio"] + 0.25
     for quant in ("f16", "q8_0", "q4_k_m"):
         assert by[f"GGUF {quant}"]["accuracy"] >= 0.95 * trained["accuracy"], quant
     assert by["GGUF f16"]["mean_kl"] < 1e-4 and by["GGUF q4_k_m"]["mib"] < by["GGUF f16"]["mib"]

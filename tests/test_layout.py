@@ -84,24 +84,29 @@ def test_the_walk_sees_a_forbidden_import(tmp_path):
     assert ("os", True) in list(_imports(bad))
 
 
-# What the project writes once: (pattern, the one module allowed to contain it, what it is)
+# What the project writes once: (pattern, the one module allowed to contain it, what it is). The
+# benchmarks' baselines call llama-cpp-python's own API on purpose; they share the environment only.
 ONE_PLACE = [
     (r"\._ctx\b|\._batch\b|\.n_tokens\b|\.input_ids\[|get_llama_proxy", "serve/llama.py",
      "llama-cpp-python internals"),
     (r"llama_cpp\.Llama\(", "serve/llama.py", "opening a GGUF with llama.cpp"),
     (r"_get_num_items_in_batch|\._prepare_inputs\(", "orpo_plugin/compat.py", "transformers Trainer private API"),
     (r"os\.replace\(|\.rename\(|\.replace\(\w*path\)|\.partial", "orpo_plugin/core/atomic.py", "atomic writes"),
-    (r"logsumexp|log_softmax|logaddexp\.reduce", "orpo_plugin/core/logprobs.py", "log-prob of a target token"),
+    (r"torch\.logsumexp|log_softmax\(-?1|F\.log_softmax|logaddexp\.reduce|\.gather\(-1",
+     "orpo_plugin/core/logprobs.py", "log-prob of a target token"),
     (r"HF_HUB_OFFLINE", "orpo_demo/env.py", "the offline environment"),
     (r"render_jinja_template|ImmutableSandboxedEnvironment", "orpo_plugin/core/chat_template.py",
      "rendering chat templates"),
 ]
+PRODUCT = [p for package in PACKAGES for p in (ROOT / package).rglob("*.py")]
 
 
 @pytest.mark.parametrize("pattern,owner,what", ONE_PLACE, ids=[w for _, _, w in ONE_PLACE])
 def test_one_module_owns_it(pattern, owner, what):
-    files = [p for package in PACKAGES for p in (ROOT / package).rglob("*.py")]
-    files += [ROOT / "Makefile", *sorted((ROOT / "benchmarks").glob("*.py"))]
+    files = PRODUCT + [ROOT / "Makefile"]
+    if what == "the offline environment":
+        files += sorted((ROOT / "benchmarks").glob("*.py"))
+        files += [p for p in sorted((ROOT / "tests").glob("*.py")) if p.name != Path(__file__).name]
     users = sorted(str(p.relative_to(ROOT)) for p in files if re.search(pattern, p.read_text()))
     assert users == [owner], f"{what}: expected only in {owner}, found in {users}"
 
@@ -169,3 +174,31 @@ def test_gguf_commands_run_without_torch_or_axolotl(gguf, tmp_path):
                                                               "max_tokens": 4}, timeout=60).status_code == 200
     served = _imported(log.read_text())
     assert {"llama_cpp", "uvicorn"} <= served and not served & HEAVY
+
+
+def test_an_untested_llama_cpp_python_stops_with_one_message(gguf, monkeypatch):
+    import llama_cpp
+    from click.testing import CliRunner
+
+    from serve.cli import main
+
+    monkeypatch.setattr(llama_cpp, "__version__", "0.3.99")
+    model, pairs = gguf
+    for args in (["serve", str(model)], ["score", str(model), "--pairs", str(pairs)], ["chat", str(model)]):
+        result = CliRunner().invoke(main, args)
+        assert result.exit_code == 1 and result.exception.__class__ is SystemExit, args
+        assert result.output.strip().splitlines() == [
+            "Error: llama-cpp-python 0.3.99 is not a version this project was tested with (0.3.36): scoring reads "
+            "its internals (see serve/llama.py). Install llama-cpp-python==0.3.36."], result.output
+
+
+def test_a_changed_trainer_api_stops_with_one_message(monkeypatch):
+    from transformers import Trainer
+
+    from orpo_plugin.compat import TrainerAPIError, check_trainer_api
+
+    check_trainer_api()
+    monkeypatch.setattr(Trainer, "_get_num_items_in_batch", lambda self, batch_samples: 0)
+    with pytest.raises(TrainerAPIError, match=r"changed Trainer\._get_num_items_in_batch \(expected \(batch_samples, "
+                                              r"device\), found \(batch_samples\)\)"):
+        check_trainer_api()

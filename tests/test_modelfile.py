@@ -1,41 +1,78 @@
-"""The Modelfile: its Go TEMPLATE, rendered, equals the Jinja chat template for known families."""
+"""The Modelfile: its Go TEMPLATE, rendered by Go's own text/template the way Ollama renders it,
+equals transformers' apply_chat_template for each known family, system prompts included."""
 
 from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
 
 import pytest
 
 import tiny
-from serve.modelfile import FAMILIES, detect_family, modelfile_text, render_go_template, write_modelfile
+from serve.modelfile import FAMILIES, detect_family, modelfile_text, write_modelfile
 
 CONVERSATIONS = [
     [{"role": "user", "content": "What is 2 + 3?"}],
     [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"},
      {"role": "user", "content": "And 4 * 5?\nTwo lines."}],
     [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Q"}],
+    [{"role": "system", "content": "Be brief.\nAnd kind."}, {"role": "user", "content": "Q1"},
+     {"role": "assistant", "content": "A1"}, {"role": "user", "content": "Q2"}],
 ]
+# family -> the chat template a model of that family ships (Axolotl's copies of the real ones)
+TEMPLATES = {"chatml": "chatml", "llama3": "llama3", "mistral_v1": "mistral_v1", "mistral": "mistral_v2v3",
+             "mistral_tekken": "mistral_v3_tekken"}
 
 
-def _jinja(family: str):
-    """A tokenizer carrying that family's Jinja template (Axolotl's copy of it)."""
+@pytest.fixture(scope="module")
+def go_render(tmp_path_factory):
+    """Go's text/template, through tests/gotemplate (Ollama's template variables)."""
+    assert shutil.which("go"), "Go is needed to render Modelfile templates: `make go` installs it"
+    binary = tmp_path_factory.mktemp("go") / "gotemplate"
+    subprocess.run(["go", "build", "-o", str(binary), "."], cwd=Path(__file__).parent / "gotemplate", check=True,
+                   capture_output=True, timeout=300)
+
+    def render(template: str, messages: list[dict]) -> str:
+        proc = subprocess.run([str(binary)], input=json.dumps({"template": template, "messages": messages}),
+                              capture_output=True, text=True, check=True)
+        return proc.stdout
+    return render
+
+
+def _tokenizer(family: str):
     from axolotl.utils.chat_templates import get_chat_template
 
     tokenizer = tiny.build_tokenizer(None, bos_token="<|endoftext|>")
-    tokenizer.chat_template = {"chatml": tiny.CHATML_TEMPLATE, "llama3": get_chat_template("llama3"),
-                               "mistral": get_chat_template("mistral_v1")}[family]
+    tokenizer.chat_template = get_chat_template(TEMPLATES[family])
     return tokenizer
 
 
-@pytest.mark.parametrize("family", ["chatml", "llama3", "mistral"])
-def test_go_template_renders_like_the_jinja_template(family):
-    tokenizer = _jinja(family)
-    spec = detect_family(tokenizer.chat_template)
+@pytest.mark.parametrize("family", list(TEMPLATES))
+def test_go_template_renders_like_the_jinja_template(family, go_render):
+    tokenizer = _tokenizer(family)
+    spec = detect_family(tokenizer.chat_template, tokenizer.eos_token, tokenizer.bos_token)
     assert spec is not None and spec.name == family
     for messages in CONVERSATIONS:
-        if family == "mistral" and messages[0]["role"] == "system":
-            continue  # Mistral v1 folds a system prompt into the user turn; not templated here
         want = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         want = want.removeprefix(tokenizer.bos_token)  # BOS is a token llama.cpp/Ollama add, not text
-        assert render_go_template(spec.go_template(tokenizer.eos_token), messages) == want
+        assert go_render(spec.go_template(tokenizer.eos_token), messages) == want, messages
+        assert spec.render(messages, tokenizer.eos_token) == want
+
+
+def test_every_family_is_tested():
+    assert {f.name for f in FAMILIES} == set(TEMPLATES)
+
+
+def test_a_template_that_refuses_system_turns_still_gets_its_family():
+    """Mistral v0.1's own template raises on a system turn: the family is still recognised from
+    the rest, and its Modelfile puts the system prompt where v1 models expect it."""
+    refuses = ("{{ bos_token }}{% for message in messages %}{% if message['role'] == 'system' %}"
+               "{{ raise_exception('no system') }}{% elif message['role'] == 'user' %}"
+               "{{ ' [INST] ' + message['content'] + ' [/INST]' }}{% else %}{{ ' ' + message['content'] + eos_token }}"
+               "{% endif %}{% endfor %}")
+    assert detect_family(refuses, "</s>", "<s>").name == "mistral_v1"
 
 
 def test_modelfile_lines(tmp_path):
@@ -43,9 +80,8 @@ def test_modelfile_lines(tmp_path):
     text = path.read_text()
     assert text.startswith("FROM ./model-q4_k_m.gguf\n")
     assert 'TEMPLATE """' in text and 'PARAMETER stop "<|im_end|>"' in text
-    assert "PARAMETER num_ctx 2048" in text and not (tmp_path / "Modelfile.partial").exists()
+    assert "PARAMETER num_ctx 2048" in text and [p.name for p in tmp_path.iterdir()] == ["Modelfile"]
     unknown = modelfile_text("m.gguf", "{{ messages }}", 512)
     assert "TEMPLATE" not in unknown and "embedded in the GGUF" in unknown
-    assert {f.name for f in FAMILIES} == {"chatml", "llama3", "mistral"}
-    mistral = modelfile_text("m.gguf", "[INST] {{ x }}", 512, eos_token="</s>")
-    assert 'PARAMETER stop "</s>"' in mistral and "{eos}" not in mistral
+    mistral = modelfile_text("m.gguf", _tokenizer("mistral").chat_template, 512, eos_token="</s>", bos_token="<s>")
+    assert 'PARAMETER stop "</s>"' in mistral and "{eos}" not in mistral and "mistral" in mistral
