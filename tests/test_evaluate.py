@@ -43,3 +43,20 @@ def test_bad_pairs_file_and_bad_model_are_one_line_errors(trained_tiny, tmp_path
            f"--on-bad-row skip" in proc.stderr
     proc = _score(tmp_path, "--pairs", trained_tiny["eval"])
     assert proc.returncode == 1 and "not a GGUF file, an adapter directory" in proc.stderr
+
+
+def test_parquet_pairs_score_like_the_same_jsonl(trained_tiny, tmp_path):
+    """Local Parquet files are read by the core (through `datasets`), as training reads them."""
+    from datasets import Dataset
+
+    rows = [json.loads(line) for line in trained_tiny["eval"].read_text().splitlines()[:5]]
+    Dataset.from_list(rows).to_parquet(str(tmp_path / "pairs.parquet"))
+    reports = {}
+    for name in ("pairs.parquet", "pairs.jsonl"):
+        if name.endswith(".jsonl"):
+            (tmp_path / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
+        proc = _score(trained_tiny["gguf"] / "model-q8_0.gguf", "--pairs", tmp_path / name, "--report",
+                      tmp_path / f"{name}.json")
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        reports[name] = json.loads((tmp_path / f"{name}.json").read_text())["models"][0]["results"]
+    assert reports["pairs.parquet"] == reports["pairs.jsonl"] and len(reports["pairs.jsonl"]) == 5
