@@ -3,8 +3,8 @@ model's size on disk, and where the time goes (convert vs llama.cpp quantization
 
 Each stage runs in a fresh process, whose resident set this process samples every 2 ms from the
 outside (a sampling thread inside would compete with the stage for the GIL and slow it down);
-"above baseline" subtracts the resident set after torch, transformers and the project are
-imported, when the stage says it starts.
+"above baseline" subtracts the resident set after torch, transformers' AutoTokenizer and the
+project are imported, when the stage says it starts.
 
     python benchmarks/bench_export.py
 """
@@ -26,8 +26,10 @@ SHAPE = dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_
 
 
 def stage(kind: str, src: str, dst: str) -> dict:
-    import torch  # noqa: F401  (imported before the baseline: libraries are not the conversion)
-    import transformers  # noqa: F401
+    # Imported before the baseline: libraries are not the conversion. serve.convert imports no
+    # transformers itself; the tokenizer it loads does, so that comes first too.
+    import torch  # noqa: F401
+    from transformers import AutoTokenizer  # noqa: F401
 
     from serve.convert import convert
     from serve.quantize import quantize
