@@ -20,7 +20,7 @@ from axolotl.utils.logging import get_logger
 
 from orpo_plugin.core.atomic import atomic_path
 from orpo_plugin.core.formats import BadRow, OrpoDataError, get_formats
-from orpo_plugin.core.rows import DatasetReport, apply_field_map, detect_format, is_local_file, normalize_rows, \
+from orpo_plugin.core.rows import JSON_SUFFIXES, DatasetReport, apply_field_map, detect_format, normalize_rows, \
     present, read_local_rows
 from orpo_plugin.core.tokenize import NOTE, PAIR_COLUMNS, TRUNCATED, encode_pairs, render_prompt
 
@@ -50,10 +50,11 @@ def split_field_maps(cfg: dict) -> None:
 
 # -- reading ----------------------------------------------------------------------------
 def read_rows(ds_cfg, cfg) -> Iterator[tuple[str, dict | BadRow]]:
-    """(where, row) for every row: local files through the core reader (a bad line is named by
-    its number), hub ids and directories through Axolotl's loader."""
-    if is_local_file(ds_cfg["path"]):
-        yield from read_local_rows(ds_cfg["path"])
+    """(where, row) for every row: local JSON/JSONL through the core reader (a bad line is named by
+    its number), everything else (hub ids, Parquet, directories) through Axolotl's loader."""
+    path = Path(str(ds_cfg["path"]))
+    if path.is_file() and path.suffix in JSON_SUFFIXES:
+        yield from read_local_rows(path)
         return
     for i, row in enumerate(load_with_axolotl(ds_cfg, cfg)):
         yield f"row {i}", present(row)

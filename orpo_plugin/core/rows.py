@@ -16,7 +16,7 @@ from orpo_plugin.core.formats import REASONS, BadRow, OrpoDataError, Pair, Prefe
 from orpo_plugin.core.tokenize import TRUNCATED
 
 JSON_SUFFIXES = (".jsonl", ".json")
-# Other local files go through Hugging Face `datasets` (as Axolotl's loader does).
+# Other local files go through Hugging Face `datasets` (as Axolotl's loader does for training).
 TABLE_SUFFIXES = {".parquet": "parquet", ".csv": "csv", ".arrow": "arrow"}
 
 
@@ -66,11 +66,6 @@ def _json_rows(path: Path) -> Iterator[tuple[str, dict | BadRow]]:
             yield where, BadRow("(line)", "invalid_json", f"invalid JSON: {err.msg} at column {err.colno}")
             continue
         yield where, row
-
-
-def is_local_file(path: str | Path) -> bool:
-    path = Path(path)
-    return path.is_file() and (path.suffix in JSON_SUFFIXES or path.suffix in TABLE_SUFFIXES)
 
 
 def read_local_rows(path: str | Path) -> Iterator[tuple[str, dict | BadRow]]:
