@@ -106,14 +106,9 @@ def build_model(spec: dict, out_dir: str | Path | None, tokenizer=None, seed: in
     cls = getattr(transformers, spec.pop("cls"))
     tokenizer = tokenizer or build_tokenizer(None)
     spec.setdefault("vocab_size", len(tokenizer))
-    config = cls.config_class(
-        max_position_embeddings=2048,
-        bos_token_id=None,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        torch_dtype="float32",
-        **spec,
-    )
+    config = cls.config_class(**{
+        "max_position_embeddings": 2048, "bos_token_id": None, "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id, "torch_dtype": "float32", **spec})
     torch.manual_seed(seed)
     model = cls(config)
     model.generation_config.eos_token_id = tokenizer.eos_token_id

@@ -33,6 +33,8 @@ def _run_export(base, adapter, out, quants, force, threads, num_ctx):
                                    f"then rerun with --force") from None
     click.echo(report_table(report))
     click.echo(f"wrote {out}/ (Modelfile: FROM ./{report['modelfile']['from']}; export_report.json)")
+    for line in report["failed_checks"]:
+        click.echo(f"orpo: CHECK FAILED: {line}", err=True)
 
 
 _options = [

@@ -18,6 +18,7 @@ from tqdm import tqdm
 from orpo_plugin.core.atomic import atomic_path
 from orpo_plugin.core.tokenize import special_prefix
 from serve.architectures import get_architectures
+from serve.rope import RopeError, write_rope
 
 # Output types written directly (K-quants come from llama.cpp's quantizer on top of these).
 OUT_TYPES = {
@@ -82,7 +83,7 @@ _NUMPY = {gguf.GGMLQuantizationType.F32: np.float32, gguf.GGMLQuantizationType.F
 
 @dataclass(frozen=True)
 class _Planned:
-    shard: Path
+    shard: Path | None  # None: a tensor computed from the config
     hf_name: str
     name: str
     kind: gguf.GGMLQuantizationType
@@ -195,15 +196,19 @@ def _vocabulary_writer(spec: dict, where: Path):
                           f"SentencePiece-style BPE with byte fallback are)")
 
 
-def _write_tokenizer(writer: gguf.GGUFWriter, model_dir: Path, vocab_size: int) -> None:
+def _write_tokenizer(writer: gguf.GGUFWriter, model_dir: Path, config: dict) -> None:
     from transformers import AutoTokenizer
 
+    vocab_size = config["vocab_size"]
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     # The tokenizer HF actually runs: transformers 5 may replace tokenizer.json's pre-tokenizer
     # with the model family's own (Qwen2 does), and llama.cpp must reproduce what HF does.
     spec = json.loads(tokenizer.backend_tokenizer.to_str())
     _vocabulary_writer(spec, model_dir)(writer, tokenizer, spec, vocab_size)
-    for setter, token_id in ((writer.add_bos_token_id, tokenizer.bos_token_id),
+    # A tokenizer without a BOS of its own (Qwen2) still has the model's in config.json: without it
+    # llama.cpp would take token 11 as BOS. Whether BOS is added is written separately.
+    bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else config.get("bos_token_id")
+    for setter, token_id in ((writer.add_bos_token_id, bos),
                              (writer.add_eos_token_id, tokenizer.eos_token_id),
                              (writer.add_pad_token_id, tokenizer.pad_token_id)):
         if token_id is not None:
@@ -238,8 +243,6 @@ def _write(tmp: Path, arch, config: dict, model_dir: Path, out_type: str, permut
     n_kv = config.get("num_key_value_heads") or n_heads
     hidden = config["hidden_size"]
     head_dim = config.get("head_dim") or hidden // n_heads
-    rope = config.get("rope_parameters") or {}
-    rope_theta = rope.get("rope_theta") or config.get("rope_theta") or 10000.0
     writer = gguf.GGUFWriter(str(tmp), gguf.MODEL_ARCH_NAMES[arch.gguf_arch])
     writer.add_context_length(config.get("max_position_embeddings", 2048))
     writer.add_embedding_length(hidden)
@@ -247,15 +250,20 @@ def _write(tmp: Path, arch, config: dict, model_dir: Path, out_type: str, permut
     writer.add_feed_forward_length(config["intermediate_size"])
     writer.add_head_count(n_heads)
     writer.add_head_count_kv(n_kv)
-    writer.add_rope_freq_base(float(rope_theta))
+    if head_dim != hidden // n_heads:  # explicit head_dim (Mistral-Nemo, Qwen3, Gemma): llama.cpp's default is wrong
+        writer.add_key_length(head_dim)
+        writer.add_value_length(head_dim)
+    try:
+        generated = write_rope(writer, config, head_dim, model_dir)
+    except RopeError as err:
+        raise ConversionError(str(err)) from None
     writer.add_layer_norm_rms_eps(float(config.get("rms_norm_eps", 1e-6)))
-    writer.add_rope_dimension_count(head_dim)
     writer.add_vocab_size(config["vocab_size"])
     writer.add_file_type(file_type)
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     if arch.add_metadata:
         arch.add_metadata(writer, config)
-    _write_tokenizer(writer, model_dir, config["vocab_size"])
+    _write_tokenizer(writer, model_dir, config)
 
     # Pass 1: names, types and sizes from the shapes alone; pass 2 converts and writes one
     # tensor at a time, so no more than one tensor is ever held in memory.
@@ -282,10 +290,16 @@ def _write(tmp: Path, arch, config: dict, model_dir: Path, out_type: str, permut
             else:
                 byte_shape = gguf.quant_shape_to_byte_shape(shape, kind)
                 writer.add_tensor_info(name, byte_shape, np.dtype(np.uint8), int(np.prod(byte_shape)), raw_dtype=kind)
+    for name, data in generated.items():  # computed from the config (Llama 3's RoPE factors): kept exact
+        plan.append(_Planned(None, name, name, gguf.GGMLQuantizationType.F32, None))
+        writer.add_tensor_info(name, data.shape, np.dtype(np.float32), data.nbytes)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_ti_data_to_file()
     for item in tqdm(plan, desc=f"convert {out_type}", unit="tensor", disable=not progress):
+        if item.shard is None:
+            writer.write_tensor_data(generated[item.name])
+            continue
         header, data_start = headers[item.shard]
         data = _read_tensor(item.shard, header[item.hf_name], data_start)
         if item.heads:

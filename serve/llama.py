@@ -6,6 +6,8 @@
   with what is really cached.
 - The server's /v1/score borrows the model from llama_cpp.server's proxy (`get_llama_proxy`), so
   scoring and generation share one model and one lock.
+- `LlamaModel.detokenize` / `token_to_piece` are replaced by versions without a 32-byte limit per
+  token, so chat, streaming and completions keep every token's text.
 
 These are tested with the versions in TESTED_VERSIONS; any other stops with one message.
 """
@@ -13,6 +15,8 @@ These are tested with the versions in TESTED_VERSIONS; any other stops with one 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import functools
 import os
 from pathlib import Path
 
@@ -27,11 +31,46 @@ class LlamaVersionError(RuntimeError):
 
 
 def check_version() -> None:
+    """Stop on an untested llama-cpp-python; on a tested one, install the fixes below (once)."""
     if llama_cpp.__version__ not in TESTED_VERSIONS:
         raise LlamaVersionError(
             f"llama-cpp-python {llama_cpp.__version__} is not a version this project was tested with "
             f"({', '.join(TESTED_VERSIONS)}): scoring reads its internals (see serve/llama.py). Install "
             f"llama-cpp-python=={TESTED_VERSIONS[-1]}.")
+    _install_fixes()
+
+
+def _piece(vocab, token: int, special: bool, buffer) -> tuple[bytes, object]:
+    """A token's bytes, however long: llama_token_to_piece returns -(bytes needed) when they do not fit."""
+    n = llama_cpp.llama_token_to_piece(vocab, llama_cpp.llama_token(token), buffer, len(buffer), 0, special)
+    if n < 0:
+        buffer = ctypes.create_string_buffer(-n)
+        n = llama_cpp.llama_token_to_piece(vocab, llama_cpp.llama_token(token), buffer, len(buffer), 0, special)
+    return buffer.raw[:n], buffer
+
+
+def _detokenize(self, tokens: list[int], special: bool = False) -> bytes:
+    """LlamaModel.detokenize without its 32-byte limit (0.3.36 drops longer tokens: Llama 3 has 231,
+    Qwen2.5 240, runs of spaces and dashes that code answers use). Keeps its leading-space rule."""
+    out, buffer = bytearray(), ctypes.create_string_buffer(64)
+    for token in tokens:
+        piece, buffer = _piece(self.vocab, token, special, buffer)
+        out += piece
+    if tokens and tokens[0] == self.token_bos() and out[:1] == b" ":
+        return bytes(out[1:])
+    return bytes(out)
+
+
+def _token_to_piece(self, token: int, special: bool = False) -> bytes:
+    return _piece(self.vocab, token, special, ctypes.create_string_buffer(64))[0]
+
+
+@functools.cache
+def _install_fixes() -> None:
+    from llama_cpp._internals import LlamaModel
+
+    LlamaModel.detokenize = _detokenize
+    LlamaModel.token_to_piece = _token_to_piece
 
 
 class GGUFError(ValueError):

@@ -44,10 +44,13 @@ class GGUFTokenizer:
     def __init__(self, llm):
         self.llm = llm
         self.eos_token_id = llm.token_eos()
-        bos = llm.token_bos()
-        self.bos_token_id = bos if bos >= 0 else None
+        # As HF: a BOS only where the tokenizer adds one. A GGUF that says no (Qwen2) still names
+        # one, and llama.cpp falls back to token 11 where it names none.
+        declared = "tokenizer.ggml.bos_token_id" in llm.metadata
+        adds_bos = llm.metadata.get("tokenizer.ggml.add_bos_token") == "true"
+        self.bos_token_id = llm.token_bos() if declared and adds_bos else None
         self.eos_token = self._text(self.eos_token_id)
-        self.bos_token = self._text(self.bos_token_id) if self.bos_token_id is not None else None
+        self.bos_token = self._text(llm.token_bos()) if declared else None  # for templates that write it
         self.chat_template = llm.metadata.get("tokenizer.chat_template")
 
     def _text(self, token_id: int) -> str:

@@ -3,6 +3,7 @@ wrong conversion (no Q/K permute) is caught by the same check."""
 
 from __future__ import annotations
 
+import json
 import random
 import types
 
@@ -12,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 from helpers import with_architecture
+from transformers import AutoModelForCausalLM
 
 import tiny
 from orpo_plugin.core import registry
@@ -178,3 +180,79 @@ def test_an_architecture_registered_through_the_hook_converts(sharp_models, tmp_
         registry.refresh()
     assert _text(gguf.GGUFReader(str(path)), "acme.source") == "AcmeLlamaForCausalLM"
     assert logit_error(sharp_models["llama"], path) <= TOLERANCE["f32"]
+
+
+# The RoPE of real checkpoints (config.json as transformers 5 saves it); a 1200-token sequence
+# reaches positions far beyond the scaled models' original context (256).
+ROPE_CASES = {
+    "default": {},
+    "linear": dict(rope_parameters={"rope_type": "linear", "factor": 4.0, "rope_theta": 10000.0}),
+    "yarn": dict(rope_parameters={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 256,
+                                  "rope_theta": 10000.0}),
+    "llama3": dict(rope_parameters={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                    "high_freq_factor": 4.0, "original_max_position_embeddings": 256,
+                                    "rope_theta": 500000.0}),
+    "head_dim": dict(head_dim=32),  # hidden 64 / 4 heads would be 16 (Mistral-Nemo, Qwen3, Gemma do this)
+}
+
+
+def _long_logprobs(model_dir, gguf_path, n: int = 1200):
+    from orpo_plugin.core.logprobs import log_softmax
+    from serve.llama import KVCache, opened
+
+    ids = [int(i) for i in np.random.default_rng(0).integers(10, 500, n)]
+    hf = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+    with torch.no_grad():
+        want = log_softmax(hf(torch.tensor([ids])).logits[0].double()).numpy()
+    with opened(gguf_path, n_ctx=2048, threads=2) as llm:
+        cache = KVCache(llm)
+        got = log_softmax(cache.decode(ids, every_row=True).astype(np.float64))
+    return want, got
+
+
+@pytest.mark.parametrize("case", list(ROPE_CASES))
+def test_rope_scaling_and_head_dim_match_transformers_far_into_the_sequence(case, tmp_path, tokenizer):
+    tiny.build_model("llama", tmp_path / "hf", tokenizer=tokenizer, initializer_range=0.1, **ROPE_CASES[case])
+    want, got = _long_logprobs(tmp_path / "hf", convert(tmp_path / "hf", tmp_path / "m.gguf", "f32"))
+    kl = (np.exp(want) * (want - got)).sum(-1)
+    # Unscaled, the same check gives KL 4e-2..1e-1 and logit errors of 2-3 nats at positions >= 1000.
+    assert kl[1000:].mean() < 1e-5 and np.abs(want - got)[1000:].max() < 0.01, (kl[1000:].mean(), case)
+
+
+def test_hub_spelling_of_rope_scaling_is_read(tmp_path, tokenizer):
+    """Checkpoints from the hub say rope_scaling + rope_theta (transformers 5 saves rope_parameters)."""
+    tiny.build_model("llama", tmp_path / "hf", tokenizer=tokenizer, initializer_range=0.1, **ROPE_CASES["llama3"])
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    params = config.pop("rope_parameters")
+    config["rope_theta"] = params.pop("rope_theta")
+    config["rope_scaling"] = params
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(config))
+    want, got = _long_logprobs(tmp_path / "hf", convert(tmp_path / "hf", tmp_path / "m.gguf", "f32"))
+    assert np.abs(want - got)[1000:].max() < 0.01
+
+
+def test_an_unknown_rope_scaling_is_one_clear_error(tmp_path, tokenizer):
+    tiny.build_model("llama", tmp_path / "hf", tokenizer=tokenizer)
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    config["rope_parameters"] = {"rope_type": "longrope", "rope_theta": 10000.0}
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ConversionError, match="RoPE scaling 'longrope' is not supported"):
+        convert(tmp_path / "hf", tmp_path / "m.gguf", "f32")
+    assert not list(tmp_path.glob("m.gguf*"))
+
+
+def test_a_tokenizer_without_bos_gets_the_models_bos_and_llama_cpp_adds_none(tmp_path, tokenizer):
+    """Qwen2.5: no BOS in the tokenizer, bos_token_id in config.json. llama.cpp must not fall back
+    to token 11, and the scorer, like HF, protects no BOS."""
+    from serve.llama import opened
+    from serve.scoring import GGUFTokenizer
+
+    bos = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    tiny.build_model("qwen2", tmp_path / "hf", tokenizer=tokenizer, bos_token_id=bos)
+    path = convert(tmp_path / "hf", tmp_path / "m.gguf", "f16")
+    fields = gguf.GGUFReader(str(path)).fields
+    assert int(fields["tokenizer.ggml.bos_token_id"].parts[-1][0]) == bos
+    assert bool(fields["tokenizer.ggml.add_bos_token"].parts[-1][0]) is False
+    with opened(path, n_ctx=256, threads=2) as llm:
+        assert llm.token_bos() == bos and GGUFTokenizer(llm).bos_token_id is None
+        assert llm.tokenize(b"Hi", add_bos=True, special=True) == tokenizer("Hi")["input_ids"]

@@ -82,6 +82,8 @@ def test_a_random_lora_on_each_fixture_is_merged_and_exported_faithfully(arch, m
     for quant, max_kl in (("f32", 1e-6), ("q8_0", 1e-3)):
         assert report["models"][quant]["tokens_identical"], quant
         assert report["models"][quant]["mean_kl"] < max_kl, (quant, report["models"][quant])
+        assert report["models"][quant]["ok"] and report["models"][quant]["long"]["tokens"] == 1536, quant
+    assert report["failed_checks"] == []
     plain = export(model_dirs[arch], None, tmp_path / "plain", ["f32"], progress=lambda msg: None)
     assert plain["models"]["f32"]["mean_kl"] < 1e-6  # and the adapter really moved the model:
     assert (tmp_path / "out" / "model-f32.gguf").read_bytes() != (tmp_path / "plain" / "model-f32.gguf").read_bytes()
@@ -133,3 +135,54 @@ def test_a_killed_export_leaves_no_truncated_file_and_a_rerun_completes(tmp_path
     for path in out.glob("*.gguf"):
         gguf.GGUFReader(str(path))
     assert len(list(out.glob("model-*.gguf"))) == 5
+
+
+def test_the_report_catches_a_rope_the_gguf_does_not_reproduce(tmp_path, tokenizer, monkeypatch):
+    """The long sequence catches a RoPE scaling the GGUF lacks, and says where it is worst."""
+    from serve import rope
+    from serve.export import export
+
+    tiny.build_model("llama", tmp_path / "hf", tokenizer=tokenizer, initializer_range=0.1, rope_parameters={
+        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 256, "rope_theta": 500000.0})
+    good = export(tmp_path / "hf", None, tmp_path / "good", ["f32"], progress=lambda msg: None)
+    assert good["models"]["f32"]["ok"] and good["failed_checks"] == []
+    monkeypatch.setitem(rope.SCALINGS, "llama3", lambda writer, params, head_dim: None)  # the old converter
+    bad = export(tmp_path / "hf", None, tmp_path / "bad", ["f32"], progress=lambda msg: None)
+    long = bad["models"]["f32"]["long"]
+    assert not long["ok"] and long["mean_kl"] > 100 * good["models"]["f32"]["long"]["mean_kl"]
+    assert long["worst_window"][0] >= 256 and long["worst_window_kl"] > long["first_window_kl"]
+    assert len(bad["failed_checks"]) == 1 and "model-f32.gguf: mean next-token KL" in bad["failed_checks"][0] \
+        and "over a 1536-token sequence, above 1e-04 for f32" in bad["failed_checks"][0]
+    assert json.loads((tmp_path / "bad" / "export_report.json").read_text())["failed_checks"] == bad["failed_checks"]
+    from click.testing import CliRunner
+
+    from serve.cli import main
+
+    console = CliRunner().invoke(main, ["merge-and-quantize", "--base", str(tmp_path / "hf"), "--out",
+                                        str(tmp_path / "cli"), "--quant", "f32"])
+    assert console.exit_code == 0 and f"orpo: CHECK FAILED: {bad['failed_checks'][0]}" in console.output
+
+
+REFUSES_SYSTEM = ("{{ bos_token }}{% for message in messages %}{% if message['role'] == 'system' %}"
+                  "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}"
+                  "{% elif message['role'] == 'user' %}{{ ' [INST] ' + message['content'] + ' [/INST]' }}"
+                  "{% else %}{{ ' ' + message['content'] + eos_token }}{% endif %}{% endfor %}")
+
+
+def test_a_chat_template_that_refuses_system_turns_exports_completely(model_dirs, tmp_path):
+    """Mistral-Instruct v0.1/v0.2 ship such a template: GGUF, Modelfile and report are all written."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    shutil.copytree(model_dirs["mistral"], tmp_path / "hf")
+    tokenizer = AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
+    tokenizer.chat_template = REFUSES_SYSTEM
+    tokenizer.save_pretrained(str(tmp_path / "hf"))
+    proc = _orpo("merge-and-quantize", "--base", tmp_path / "hf", "--out", tmp_path / "out", "--quant", "f16")
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert {p.name for p in (tmp_path / "out").iterdir()} == {"model-f16.gguf", "Modelfile", "export_report.json"}
+    report = json.loads((tmp_path / "out" / "export_report.json").read_text())
+    assert report["texts"] == 3 and report["models"]["f16"]["tokens_identical"]  # one chat sample, two texts
+    assert "# Chat template family: mistral_v1" in (tmp_path / "out" / "Modelfile").read_text()

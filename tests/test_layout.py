@@ -87,7 +87,7 @@ def test_the_walk_sees_a_forbidden_import(tmp_path):
 # What the project writes once: (pattern, the one module allowed to contain it, what it is). The
 # benchmarks' baselines call llama-cpp-python's own API on purpose; they share the environment only.
 ONE_PLACE = [
-    (r"\._ctx\b|\._batch\b|\.n_tokens\b|\.input_ids\[|get_llama_proxy", "serve/llama.py",
+    (r"\._ctx\b|\._batch\b|\.n_tokens\b|\.input_ids\[|get_llama_proxy|llama_cpp\._internals", "serve/llama.py",
      "llama-cpp-python internals"),
     (r"llama_cpp\.Llama\(", "serve/llama.py", "opening a GGUF with llama.cpp"),
     (r"_get_num_items_in_batch|\._prepare_inputs\(", "orpo_plugin/compat.py", "transformers Trainer private API"),

@@ -283,3 +283,51 @@ def test_the_server_harness_leaves_no_file_open(model):
     with running(model["f16"], "--n-ctx", "256", "--n-threads", "2") as url:
         assert httpx.get(f"{url}/health").status_code == 200
     assert sorted(os.listdir("/proc/self/fd")) == before
+
+
+LONG_TOKEN = "=" * 40  # longer than llama-cpp-python 0.3.36's 32-byte piece buffer
+
+
+@pytest.fixture(scope="module")
+def long_token_model(tmp_path_factory):
+    """A model whose every greedy step emits one 40-byte token: all hidden states equal one vector v
+    (one embedding for every token, attention and MLP outputs zeroed), and that token's LM-head row
+    is the normalised v."""
+    root = tmp_path_factory.mktemp("long-token")
+    tokenizer = tiny.build_tokenizer(None)
+    tokenizer.add_tokens([LONG_TOKEN])
+    model = tiny.build_model("llama", None, tokenizer=tokenizer)
+    long_id = tokenizer.convert_tokens_to_ids(LONG_TOKEN)
+    with torch.no_grad():
+        v = torch.randn(model.config.hidden_size)
+        model.get_input_embeddings().weight[:] = v
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        normed = model.model.norm(v[None])[0]
+        model.lm_head.weight[long_id] = 10 * normed / normed.norm()
+    model.save_pretrained(str(root / "hf"))
+    tokenizer.save_pretrained(str(root / "hf"))
+    return convert(root / "hf", root / "m.gguf", "f32")
+
+
+def test_tokens_longer_than_32_bytes_keep_their_text(long_token_model):
+    from serve.llama import opened
+
+    with opened(long_token_model, n_ctx=256, threads=2) as llm:
+        assert llm.detokenize(llm.tokenize(LONG_TOKEN.encode(), add_bos=False)) == LONG_TOKEN.encode()
+        assert llm.create_completion("Hi", max_tokens=3, temperature=0)["choices"][0]["text"] == LONG_TOKEN * 3
+    with running(long_token_model, "--n-ctx", "256", "--n-threads", "2") as url:
+        body = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3, "temperature": 0}
+        reply = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=60).json()
+        assert reply["choices"][0]["message"]["content"] == LONG_TOKEN * 3
+        with httpx.stream("POST", f"{url}/v1/chat/completions", json={**body, "stream": True}, timeout=60) as s:
+            chunks = [line for line in s.iter_lines() if line.startswith("data: {")]
+        import json
+
+        text = "".join(json.loads(c[6:])["choices"][0]["delta"].get("content") or "" for c in chunks)
+        assert text == LONG_TOKEN * 3
+    chat = subprocess.run([str(BIN / "orpo"), "chat", str(long_token_model), "--n-threads", "2", "--max-tokens", "2",
+                           "--temperature", "0"], input="Hi\n/exit\n", env=_env(), capture_output=True, text=True,
+                          timeout=120)
+    assert chat.returncode == 0 and LONG_TOKEN * 2 in chat.stdout
