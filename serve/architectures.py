@@ -33,6 +33,8 @@ BUILT_IN = (
     Architecture("LlamaForCausalLM", gguf.MODEL_ARCH.LLAMA, permute_qk=True),
     Architecture("MistralForCausalLM", gguf.MODEL_ARCH.LLAMA, permute_qk=True),
     Architecture("Qwen2ForCausalLM", gguf.MODEL_ARCH.QWEN2, permute_qk=False),
+    # Qwen3: per-head RMSNorm on Q and K (gguf's table names them), explicit head_dim, no biases.
+    Architecture("Qwen3ForCausalLM", gguf.MODEL_ARCH.QWEN3, permute_qk=False),
 )
 
 

@@ -31,10 +31,10 @@ def tokenizer(tokenizer_dir):
 @pytest.fixture(scope="session")
 def model_dirs(tmp_path_factory, tokenizer):
     """One saved random model per fixture architecture: llama (GQA, untied), llama-tied,
-    mistral, qwen2 (biases, tied)."""
+    mistral, qwen2 (biases, tied), qwen3 (Q/K norms, explicit head_dim)."""
     root = tmp_path_factory.mktemp("models")
     dirs = {}
-    for arch in ("llama", "llama-tied", "mistral", "qwen2"):
+    for arch in ("llama", "llama-tied", "mistral", "qwen2", "qwen3"):
         dirs[arch] = root / arch
         tiny.build_model(arch, dirs[arch], tokenizer=tokenizer)
     return dirs

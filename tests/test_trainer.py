@@ -40,7 +40,7 @@ def _assert_rel(got, want, rel):
     assert ((got - want).abs().max() / scale).item() <= rel
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
 @pytest.mark.parametrize("lora", [True, False], ids=["lora", "full"])
 def test_parity_with_axolotl_rl_orpo(arch, lora, model_dirs, tokenizer, tmp_path, fresh_plugins):
     trl_trainer, (_, trl_logs, trl_grads) = _run("orpo", model_dirs[arch], tokenizer, tmp_path, lora,
@@ -177,6 +177,7 @@ SHARING_CASES = [
     ("mistral", False, False, False, True),
     ("qwen2", True, True, True, True),
     ("llama-tied", False, True, True, False),
+    ("qwen3", True, True, False, False),
 ]
 
 

@@ -18,6 +18,8 @@ ARCHITECTURES = {
     "llama-tied": dict(_SMALL, cls="LlamaForCausalLM", num_key_value_heads=2, tie_word_embeddings=True),
     "mistral": dict(_SMALL, cls="MistralForCausalLM", num_key_value_heads=1, tie_word_embeddings=False),
     "qwen2": dict(_SMALL, cls="Qwen2ForCausalLM", num_key_value_heads=2, tie_word_embeddings=True),
+    # Qwen3 ships head_dim 128 with hidden 4096 / 32 heads; here 32 with 64 / 4 (hidden/heads = 16).
+    "qwen3": dict(_SMALL, cls="Qwen3ForCausalLM", num_key_value_heads=2, head_dim=32, tie_word_embeddings=True),
     "demo": DEMO_MODEL,
 }
 
