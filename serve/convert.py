@@ -35,6 +35,10 @@ PRE_TOKENIZERS = {
     GPT2_PATTERN: "gpt-2",
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+": "llama-bpe",
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+": "qwen2",
+    # Mistral's tekken (Nemo, Small 3 and later)
+    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+|[^\r\n\p{L}\p{N}]?"
+    r"[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+":
+        "tekken",
 }
 
 
@@ -184,8 +188,6 @@ def _write_sentencepiece_bpe(writer: gguf.GGUFWriter, tokenizer, spec: dict, voc
                              for i, t in enumerate(tokens)])
     writer.add_token_types(types)
     writer.add_add_space_prefix(_adds_space_prefix(spec))
-    if unk is not None:
-        writer.add_unk_token_id(tokenizer.convert_tokens_to_ids(unk))
 
 
 def _vocabulary_writer(spec: dict, where: Path):
@@ -210,10 +212,14 @@ def _write_tokenizer(writer: gguf.GGUFWriter, model_dir: Path, config: dict) -> 
     bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else config.get("bos_token_id")
     for setter, token_id in ((writer.add_bos_token_id, bos),
                              (writer.add_eos_token_id, tokenizer.eos_token_id),
+                             (writer.add_unk_token_id, tokenizer.unk_token_id),
                              (writer.add_pad_token_id, tokenizer.pad_token_id)):
         if token_id is not None:
             setter(token_id)
-    writer.add_add_bos_token(bool(special_prefix(tokenizer)))  # as HF encodes, not as its flags say
+    # Whether BOS and EOS are added: as HF encodes, not as its flags say.
+    plain, full = (tokenizer("a", add_special_tokens=flag)["input_ids"] for flag in (False, True))
+    writer.add_add_bos_token(bool(special_prefix(tokenizer)))
+    writer.add_add_eos_token(len(full) > len(special_prefix(tokenizer)) + len(plain))
     if tokenizer.chat_template:
         writer.add_chat_template(tokenizer.chat_template)
 
@@ -250,9 +256,10 @@ def _write(tmp: Path, arch, config: dict, model_dir: Path, out_type: str, permut
     writer.add_feed_forward_length(config["intermediate_size"])
     writer.add_head_count(n_heads)
     writer.add_head_count_kv(n_kv)
-    if head_dim != hidden // n_heads:  # explicit head_dim (Mistral-Nemo, Qwen3, Gemma): llama.cpp's default is wrong
-        writer.add_key_length(head_dim)
-        writer.add_value_length(head_dim)
+    # Always, as llama.cpp's converter does: where head_dim is not hidden / heads (Mistral-Nemo, Qwen3),
+    # llama.cpp's own default is wrong and it refuses the file.
+    writer.add_key_length(head_dim)
+    writer.add_value_length(head_dim)
     try:
         generated = write_rope(writer, config, head_dim, model_dir)
     except RopeError as err:

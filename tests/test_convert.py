@@ -256,3 +256,42 @@ def test_a_tokenizer_without_bos_gets_the_models_bos_and_llama_cpp_adds_none(tmp
     with opened(path, n_ctx=256, threads=2) as llm:
         assert llm.token_bos() == bos and GGUFTokenizer(llm).bos_token_id is None
         assert llm.tokenize(b"Hi", add_bos=True, special=True) == tokenizer("Hi")["input_ids"]
+
+
+# Text a tokenizer must split exactly as HF does: code, numbers, CJK, emoji, accents, whitespace runs.
+CORPUS = [
+    "def f(x):\n\treturn x ** 2  # square\n\n\n    if x > 10:\n        pass",
+    "Prices: 1234567, 3.14159, -42, 1e-9, 2024-11-23, 0x1F",
+    "東京は日本の首都です。北京是中国的首都。서울은 한국의 수도입니다.",
+    "Emoji 😀🎉👩‍💻 and symbols ©®™ — “quotes” «guillemets»",
+    "Ünïcödé àccénts: façade, naïve, Ångström, Øresund, ĳsselmeer",
+    "     leading spaces, trailing spaces     \n\n\n\r\n tabs\t\there",
+    "UPPERCASE lowercase MixedCase camelCaseWord snake_case_word kebab-case-word",
+    "https://example.com/path?query=1&b=2 /usr/local/bin/ ../relative/path",
+]
+
+
+@pytest.fixture(scope="module")
+def tekken_model(tmp_path_factory):
+    """A tiny Mistral around the real tekken vocabulary (Mistral-Nemo's)."""
+    path = tmp_path_factory.mktemp("tekken") / "nemo"
+    tiny.build_model("mistral", path, tokenizer=tiny.build_tekken_tokenizer(None), initializer_range=0.1)
+    return path
+
+
+def test_tekken_tokenizes_like_hf_and_matches_its_logits(tekken_model, tmp_path):
+    from transformers import AutoTokenizer
+
+    path = convert(tekken_model, tmp_path / "nemo.gguf", "f32")
+    fields = gguf.GGUFReader(str(path)).fields
+    assert bytes(fields["tokenizer.ggml.pre"].parts[-1]).decode() == "tekken"
+    tokenizer = AutoTokenizer.from_pretrained(str(tekken_model))
+    llm = _llama(path)
+    try:
+        for text in CORPUS + [tokenizer.apply_chat_template(CONVERSATION, tokenize=False)]:
+            for bos in (False, True):
+                assert llm.tokenize(text.encode(), add_bos=bos, special=True) == \
+                    tokenizer(text, add_special_tokens=bos)["input_ids"], (text, bos)
+    finally:
+        llm.close()
+    assert logit_error(tekken_model, path) <= TOLERANCE["f32"]

@@ -92,3 +92,20 @@ def arithmetic_pairs(n: int, seed: int) -> list[dict]:
             }
         )
     return rows
+
+
+def build_tekken_tokenizer(out_dir: str | Path | None):
+    """Mistral's real tekken tokenizer (Nemo, 131,072 tokens), from the file mistral-common ships
+    (Axolotl pins it), converted by transformers as Mistral's hub repositories convert it."""
+    from importlib import resources
+
+    from axolotl.utils.chat_templates import get_chat_template
+    from transformers.integrations.mistral import convert_tekken_tokenizer
+
+    path = resources.files("mistral_common") / "data" / "tekken_240718.json"
+    tokenizer = convert_tekken_tokenizer(str(path))
+    tokenizer.chat_template = get_chat_template("mistral_v3_tekken")
+    tokenizer.model_max_length = 2048
+    if out_dir is not None:
+        tokenizer.save_pretrained(str(out_dir))
+    return tokenizer
