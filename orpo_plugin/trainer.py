@@ -75,17 +75,36 @@ def pair_count(batch: dict[str, torch.Tensor]) -> int:
 
 def _model_inputs(batch: dict[str, torch.Tensor], base) -> dict[str, torch.Tensor]:
     """The model's inputs. A prefix-shared batch carries a boolean [rows, 1, T, T] mask, which
-    transformers passes to attention as it is: SDPA takes it boolean, whatever dtype the attention
-    computes in (a float mask must match the query's dtype, which a 4-bit or mixed-dtype model
-    need not share with its first parameter); eager attention adds it, so it becomes additive in
-    the dtype the embeddings feed the layers (any float dtype is exact there: the sum promotes)."""
+    transformers passes to attention as it is:
+    - sliding-window layers get it narrowed to their window, measured in positions (a rejected
+      answer's positions restart after the prompt, as in its own row): one mask where every layer
+      slides (Mistral), one per layer type where some do (Gemma 3, Qwen with sliding layers);
+    - SDPA takes it boolean, whatever dtype the attention computes in (a float mask must match the
+      query's dtype, which a 4-bit or mixed-dtype model need not share with its first parameter);
+      eager attention adds it, so it becomes additive in the dtype the embeddings feed the layers
+      (any float dtype is exact there: the sum promotes)."""
     inputs = {k: batch[k] for k in ("input_ids", "position_ids") if k in batch}
     mask = batch["attention_mask"]
-    if mask.dim() == 4 and attention_backend(base) != "sdpa":
-        dtype = base.get_input_embeddings().weight.dtype
-        mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, torch.finfo(dtype).min)
+    if mask.dim() == 4:
+        mask = _per_layer_type(mask, batch["position_ids"], base.config)
+        if attention_backend(base) != "sdpa":
+            dtype = base.get_input_embeddings().weight.dtype
+            mask = {k: _additive(m, dtype) for k, m in mask.items()} if isinstance(mask, dict) else _additive(mask, dtype)
     inputs["attention_mask"] = mask
     return inputs
+
+
+def _per_layer_type(mask: torch.Tensor, positions: torch.Tensor, config):
+    window = getattr(config, "sliding_window", None)
+    layer_types = getattr(config, "layer_types", None)
+    if not window or (layer_types is not None and "sliding_attention" not in layer_types):
+        return mask
+    sliding = mask & (positions[:, None, None, :] > positions[:, None, :, None] - window)
+    return sliding if layer_types is None else {"full_attention": mask, "sliding_attention": sliding}
+
+
+def _additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, torch.finfo(dtype).min)
 
 
 def attention_backend(base) -> str | None:

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import gguf
+import numpy as np
 
 from orpo_plugin.core import registry
 from orpo_plugin.core.hookspecs import hookimpl
@@ -27,6 +28,20 @@ class Architecture:
     permute_qk: bool  # HF stores Q/K for half-rotation RoPE; llama.cpp's "llama" rotates pairs
     # Extra metadata beyond the common Llama-like hyperparameters: (writer, config.json) -> None.
     add_metadata: Callable[[gguf.GGUFWriter, dict], None] | None = None
+    # A change to a tensor's values on the way: (GGUF tensor name, float32 data) -> data.
+    transform: Callable[[str, np.ndarray], np.ndarray] | None = None
+
+
+def _gemma3_metadata(writer: gguf.GGUFWriter, config: dict) -> None:
+    if config.get("sliding_window"):
+        writer.add_sliding_window(int(config["sliding_window"]))
+    if config.get("final_logit_softcapping"):
+        writer.add_final_logit_softcapping(float(config["final_logit_softcapping"]))
+
+
+def _gemma_norm(name: str, data: np.ndarray) -> np.ndarray:
+    """Gemma's RMSNorm scales by (1 + weight); llama.cpp's by the stored weight."""
+    return data + 1.0 if name.endswith("norm.weight") else data
 
 
 BUILT_IN = (
@@ -35,6 +50,10 @@ BUILT_IN = (
     Architecture("Qwen2ForCausalLM", gguf.MODEL_ARCH.QWEN2, permute_qk=False),
     # Qwen3: per-head RMSNorm on Q and K (gguf's table names them), explicit head_dim, no biases.
     Architecture("Qwen3ForCausalLM", gguf.MODEL_ARCH.QWEN3, permute_qk=False),
+    # Gemma 3 (text): sliding-window and global layers (llama.cpp's pattern: every sixth global),
+    # norms stored as (weight - 1), embeddings scaled by sqrt(hidden) inside llama.cpp.
+    Architecture("Gemma3ForCausalLM", gguf.MODEL_ARCH.GEMMA3, permute_qk=False, add_metadata=_gemma3_metadata,
+                 transform=_gemma_norm),
 )
 
 

@@ -311,6 +311,8 @@ def _write(tmp: Path, arch, config: dict, model_dir: Path, out_type: str, permut
         data = _read_tensor(item.shard, header[item.hf_name], data_start)
         if item.heads:
             data = permute_for_llama(data, item.heads)
+        if arch.transform:
+            data = arch.transform(item.name, data)
         writer.write_tensor_data(_encode(data, item.kind))
         del data
     writer.close()

@@ -69,8 +69,15 @@ SCALINGS: dict[str, Callable[[gguf.GGUFWriter, dict, int], dict | None]] = {
 
 
 def write_rope(writer: gguf.GGUFWriter, config: dict, head_dim: int, where) -> dict[str, np.ndarray]:
-    """Write the RoPE keys; returns the tensors the scaling needs."""
+    """Write the RoPE keys; returns the tensors the scaling needs. Models with sliding-window layers
+    (Gemma 3) give parameters per layer type: the global layers' are the model's, the sliding
+    layers' own base frequency is written beside them."""
     params = rope_parameters(config)
+    if isinstance(params.get("full_attention"), dict):
+        sliding = params.get("sliding_attention") or {}
+        params = rope_parameters({"rope_parameters": params["full_attention"]})
+        if sliding.get("rope_theta"):
+            writer.add_rope_freq_base_swa(float(sliding["rope_theta"]))
     writer.add_rope_freq_base(float(params["rope_theta"]))
     writer.add_rope_dimension_count(head_dim)
     scaling = SCALINGS.get(params["rope_type"])

@@ -34,7 +34,7 @@ def model_dirs(tmp_path_factory, tokenizer):
     mistral, qwen2 (biases, tied), qwen3 (Q/K norms, explicit head_dim)."""
     root = tmp_path_factory.mktemp("models")
     dirs = {}
-    for arch in ("llama", "llama-tied", "mistral", "qwen2", "qwen3"):
+    for arch in ("llama", "llama-tied", "mistral", "qwen2", "qwen3", "gemma3", "mistral-window"):
         dirs[arch] = root / arch
         tiny.build_model(arch, dirs[arch], tokenizer=tokenizer)
     return dirs

@@ -73,7 +73,7 @@ def test_orpo_merge_and_quantize_and_its_refusals(model_dirs, adapter, tmp_path)
     assert missing.returncode == 1 and "no adapter_config.json" in missing.stderr
 
 
-@pytest.mark.parametrize("arch", ["llama", "llama-tied", "mistral", "qwen2", "qwen3"])
+@pytest.mark.parametrize("arch", ["llama", "llama-tied", "mistral", "qwen2", "qwen3", "gemma3"])
 def test_a_random_lora_on_each_fixture_is_merged_and_exported_faithfully(arch, model_dirs, tmp_path):
     from serve.export import export
 
@@ -94,7 +94,7 @@ def test_unsupported_architecture_names_the_supported_ones(model_dirs, tmp_path)
     proc = _orpo("merge-and-quantize", "--base", odd, "--out", tmp_path / "x", "--quant", "f16")
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert "GPTNeoXForCausalLM is not supported; supported: LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, " \
-        "Qwen3ForCausalLM" \
+        "Qwen3ForCausalLM, Gemma3ForCausalLM" \
         in proc.stderr and "register_architectures hook" in proc.stderr
 
 

@@ -178,6 +178,8 @@ SHARING_CASES = [
     ("qwen2", True, True, True, True),
     ("llama-tied", False, True, True, False),
     ("qwen3", True, True, False, False),
+    ("gemma3", True, True, False, False),  # sliding-window layers (window 16) and a global one
+    ("mistral-window", False, True, False, False),  # every layer slides (Mistral v0.1's sliding_window)
 ]
 
 

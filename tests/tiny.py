@@ -20,6 +20,12 @@ ARCHITECTURES = {
     "qwen2": dict(_SMALL, cls="Qwen2ForCausalLM", num_key_value_heads=2, tie_word_embeddings=True),
     # Qwen3 ships head_dim 128 with hidden 4096 / 32 heads; here 32 with 64 / 4 (hidden/heads = 16).
     "qwen3": dict(_SMALL, cls="Qwen3ForCausalLM", num_key_value_heads=2, head_dim=32, tie_word_embeddings=True),
+    # Gemma 3 text: five sliding-window layers, then a global one (its real pattern); a window of 16
+    # so the fixtures' sequences cross it. query_pre_attn_scalar = head_dim, as Gemma 3 1B-12B ship.
+    "mistral-window": dict(_SMALL, cls="MistralForCausalLM", num_key_value_heads=1, sliding_window=16),
+    "gemma3": dict(cls="Gemma3ForCausalLM", hidden_size=64, intermediate_size=128, num_hidden_layers=6,
+                   num_attention_heads=4, num_key_value_heads=2, head_dim=32, query_pre_attn_scalar=32,
+                   sliding_window=16, tie_word_embeddings=True),
     "demo": DEMO_MODEL,
 }
 
