@@ -178,17 +178,18 @@ def run(out: Path, steps: int | None, eval_pairs: int, questions: int) -> dict:
     done("orpo plot")
 
     summary = {"models": rows, "stages_s": stages, "served": served, "plot": str(png),
-               "targets": targets(rows)}
+               "export_failed_checks": export["failed_checks"], "targets": targets(rows, export)}
     write_json(out / "summary.json", summary)
     return summary
 
 
-def targets(rows: list[dict]) -> dict:
+def targets(rows: list[dict], export: dict) -> dict:
     by = {r["name"]: r for r in rows}
     trained, base, q4 = by["trained (HF + LoRA)"], by["base (untrained)"], by["GGUF q4_k_m"]
     return {"trained accuracy >= 0.9": trained["accuracy"] >= 0.9,
             "base accuracy near 0.5 (0.3-0.7)": 0.3 <= base["accuracy"] <= 0.7,
-            "q4_k_m keeps >= 95% of trained accuracy": q4["accuracy"] >= 0.95 * trained["accuracy"]}
+            "q4_k_m keeps >= 95% of trained accuracy": q4["accuracy"] >= 0.95 * trained["accuracy"],
+            "every GGUF passes the export's checks": not export["failed_checks"]}
 
 
 def main(argv=None):
