@@ -1,4 +1,3 @@
 """Moved to `orpo_plugin.core.formats`; this path stays for format plugins written against it."""
 
 from orpo_plugin.core.formats import *  # noqa: F401,F403
-from orpo_plugin.core.formats import BadRow, Pair, PreferenceFormat, distinct, messages, text  # noqa: F401

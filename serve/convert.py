@@ -217,9 +217,10 @@ def _write_tokenizer(writer: gguf.GGUFWriter, model_dir: Path, config: dict) -> 
         if token_id is not None:
             setter(token_id)
     # Whether BOS and EOS are added: as HF encodes, not as its flags say.
+    prefix = special_prefix(tokenizer)
     plain, full = (tokenizer("a", add_special_tokens=flag)["input_ids"] for flag in (False, True))
-    writer.add_add_bos_token(bool(special_prefix(tokenizer)))
-    writer.add_add_eos_token(len(full) > len(special_prefix(tokenizer)) + len(plain))
+    writer.add_add_bos_token(bool(prefix))
+    writer.add_add_eos_token(len(full) > len(prefix) + len(plain))
     if tokenizer.chat_template:
         writer.add_chat_template(tokenizer.chat_template)
 

@@ -60,9 +60,10 @@ def _sample_texts(tokenizer) -> list[str]:
 
 LONG_TOKENS = 1536  # past the original context of a scaled RoPE in the tests, within every model's
 WINDOW = 128
-# Mean next-token KL a GGUF of this type may show over the long sequence. Quantization error is
-# roughly flat over positions; a RoPE the GGUF does not reproduce is not (Llama 3's scaling left
-# out: 0.05 for f32). K-quants are reported, not judged: their error depends on the model.
+# Mean next-token KL a GGUF of this type may show over the long sequence. A GGUF that computes
+# something else than the model is orders of magnitude above (Llama 3's RoPE scaling left out:
+# 0.05 for f32, growing with position). K-quants are reported, not judged: their error depends on
+# the model.
 LONG_KL_BOUND = {"f32": 1e-4, "f16": 1e-3, "bf16": 1e-3, "q8_0": 2e-2}
 
 
