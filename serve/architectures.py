@@ -32,7 +32,32 @@ class Architecture:
     transform: Callable[[str, np.ndarray], np.ndarray] | None = None
 
 
+class UnsupportedConfig(ValueError):
+    """A config.json setting that llama.cpp would run differently from transformers."""
+
+
+def _gemma3_checks(config: dict) -> None:
+    """What llama.cpp fixes for Gemma 3 rather than reading from the file: the query scale (by the
+    number of layers: 1/sqrt(hidden/heads) for the 62-layer 27B, 1/sqrt(head_dim) otherwise), every
+    sixth layer global, no attention soft-capping."""
+    n_layers, heads, hidden = config["num_hidden_layers"], config["num_attention_heads"], config["hidden_size"]
+    head_dim = config.get("head_dim") or hidden // heads
+    scale_dim = hidden // heads if n_layers == 62 else head_dim
+    if config.get("query_pre_attn_scalar", scale_dim) != scale_dim:
+        raise UnsupportedConfig(f"query_pre_attn_scalar is {config['query_pre_attn_scalar']}, but llama.cpp scales "
+                                f"the queries of a {n_layers}-layer Gemma 3 by 1/sqrt({scale_dim}); set it to "
+                                f"{scale_dim} or keep the checkpoint's own value")
+    pattern = ["full_attention" if (i + 1) % 6 == 0 else "sliding_attention" for i in range(n_layers)]
+    if config.get("sliding_window") and config.get("layer_types") not in (None, pattern):
+        raise UnsupportedConfig("layer_types: llama.cpp runs every sixth Gemma 3 layer with global attention and "
+                                "the others with the sliding window; this config has another pattern")
+    if config.get("attn_logit_softcapping"):
+        raise UnsupportedConfig("attn_logit_softcapping: llama.cpp's Gemma 3 has no attention soft-capping; "
+                                "set it to null as Gemma 3 checkpoints do")
+
+
 def _gemma3_metadata(writer: gguf.GGUFWriter, config: dict) -> None:
+    _gemma3_checks(config)
     if config.get("sliding_window"):
         writer.add_sliding_window(int(config["sliding_window"]))
     if config.get("final_logit_softcapping"):

@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from orpo_plugin.core.atomic import atomic_path
 from orpo_plugin.core.tokenize import special_prefix
-from serve.architectures import get_architectures
+from serve.architectures import UnsupportedConfig, get_architectures
 from serve.rope import RopeError, write_rope
 
 # Output types written directly (K-quants come from llama.cpp's quantizer on top of these).
@@ -147,7 +147,7 @@ def _merges(spec: dict) -> list[str]:
     return [m if isinstance(m, str) else " ".join(m) for m in spec["model"].get("merges", [])]
 
 
-def _write_byte_level_bpe(writer: gguf.GGUFWriter, tokenizer, spec: dict, vocab_size: int) -> None:
+def _write_byte_level_bpe(writer: gguf.GGUFWriter, tokenizer, spec: dict, vocab_size: int, model_dir: Path) -> None:
     tokens, types = _token_types(tokenizer, vocab_size)
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre(pre_tokenizer_name(spec))
@@ -168,26 +168,44 @@ def _adds_space_prefix(spec: dict) -> bool:
                for step in steps)
 
 
-def _write_sentencepiece_bpe(writer: gguf.GGUFWriter, tokenizer, spec: dict, vocab_size: int) -> None:
+def _write_sentencepiece_bpe(writer: gguf.GGUFWriter, tokenizer, spec: dict, vocab_size: int,
+                             model_dir: Path) -> None:
     """Llama-2/Mistral-style vocabularies (tokenizer.json's BPE with byte fallback) for llama.cpp's
-    SentencePiece tokenizer, which merges the pair whose result scores highest: a piece scores
-    minus the rank of the merge that makes it, so merges happen in HF's order."""
+    SentencePiece tokenizer, which merges the pair whose result scores highest. The scores are the
+    SentencePiece model's own where tokenizer.model ships beside tokenizer.json (as llama.cpp's converter
+    takes them); otherwise a piece scores minus the rank of the merge that makes it, so merges happen
+    in tokenizer.json's order."""
     tokens, types = _token_types(tokenizer, vocab_size, normal=lambda token: gguf.TokenType.BYTE
                                  if _BYTE_TOKEN.fullmatch(token) else gguf.TokenType.NORMAL)
-    score: dict[str, float] = {}
-    for rank, merge in enumerate(_merges(spec)):  # pieces hold "▁", never a space
-        score.setdefault(merge.replace(" ", ""), -float(rank))
-    unk = spec["model"].get("unk_token")
-    for i, token in enumerate(tokens):
-        if token == unk:
-            types[i] = gguf.TokenType.UNKNOWN
+    if tokenizer.unk_token_id is not None and tokenizer.unk_token_id < vocab_size:
+        types[tokenizer.unk_token_id] = gguf.TokenType.UNKNOWN
     writer.add_tokenizer_model("llama")
     writer.add_tokenizer_pre("default")
     writer.add_token_list(tokens)
-    writer.add_token_scores([score.get(t, 0.0) if types[i] == gguf.TokenType.NORMAL else 0.0
-                             for i, t in enumerate(tokens)])
+    writer.add_token_scores(_sentencepiece_scores(model_dir / "tokenizer.model", tokens)
+                            or _merge_scores(spec, tokens, types))
     writer.add_token_types(types)
     writer.add_add_space_prefix(_adds_space_prefix(spec))
+
+
+def _sentencepiece_scores(path: Path, tokens: list[str]) -> list[float] | None:
+    """tokenizer.model's scores by id, or None without one (or one for another vocabulary)."""
+    if not path.is_file():
+        return None
+    from sentencepiece import SentencePieceProcessor
+
+    model = SentencePieceProcessor(model_file=str(path))
+    size = model.get_piece_size()
+    if size > len(tokens) or any(model.id_to_piece(i) != tokens[i] for i in range(size)):
+        return None
+    return [model.get_score(i) for i in range(size)] + [-1000.0] * (len(tokens) - size)
+
+
+def _merge_scores(spec: dict, tokens: list[str], types: list) -> list[float]:
+    score: dict[str, float] = {}
+    for rank, merge in enumerate(_merges(spec)):  # pieces hold "▁", never a space
+        score.setdefault(merge.replace(" ", ""), -float(rank))
+    return [score.get(t, 0.0) if types[i] == gguf.TokenType.NORMAL else 0.0 for i, t in enumerate(tokens)]
 
 
 def _vocabulary_writer(spec: dict, where: Path):
@@ -206,7 +224,7 @@ def _write_tokenizer(writer: gguf.GGUFWriter, model_dir: Path, config: dict) -> 
     # The tokenizer HF actually runs: transformers 5 may replace tokenizer.json's pre-tokenizer
     # with the model family's own (Qwen2 does), and llama.cpp must reproduce what HF does.
     spec = json.loads(tokenizer.backend_tokenizer.to_str())
-    _vocabulary_writer(spec, model_dir)(writer, tokenizer, spec, vocab_size)
+    _vocabulary_writer(spec, model_dir)(writer, tokenizer, spec, vocab_size, model_dir)
     # A tokenizer without a BOS of its own (Qwen2) still has the model's in config.json: without it
     # llama.cpp would take token 11 as BOS. Whether BOS is added is written separately.
     bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else config.get("bos_token_id")
@@ -270,7 +288,10 @@ def _write(tmp: Path, arch, config: dict, model_dir: Path, out_type: str, permut
     writer.add_file_type(file_type)
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     if arch.add_metadata:
-        arch.add_metadata(writer, config)
+        try:
+            arch.add_metadata(writer, config)
+        except UnsupportedConfig as err:
+            raise ConversionError(f"{model_dir / 'config.json'}: {err}") from None
     _write_tokenizer(writer, model_dir, config)
 
     # Pass 1: names, types and sizes from the shapes alone; pass 2 converts and writes one

@@ -5,17 +5,18 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 import types
 
 import gguf
 import llama_cpp
 import numpy as np
 import pytest
+import tiny
 import torch
 from helpers import with_architecture
 from transformers import AutoModelForCausalLM
 
-import tiny
 from orpo_plugin.core import registry
 from orpo_plugin.core.hookspecs import hookimpl
 from serve.architectures import Architecture
@@ -162,6 +163,21 @@ def test_bad_inputs_and_no_half_written_file(sharp_models, tmp_path, monkeypatch
     with pytest.raises(OSError, match="disk full"):
         convert(sharp_models["llama"], tmp_path / "y.gguf", "f32")
     assert list(tmp_path.iterdir()) == []  # neither y.gguf nor y.gguf.partial
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(query_pre_attn_scalar=64), r"query_pre_attn_scalar is 64, but llama.cpp scales .* 6-layer .* 1/sqrt\(32\)"),
+    (dict(layer_types=["sliding_attention", "full_attention"] * 3), "every sixth Gemma 3 layer"),
+    (dict(attn_logit_softcapping=50.0), "attn_logit_softcapping"),
+])
+def test_gemma3_settings_llama_cpp_would_run_differently_are_refused(sharp_models, tmp_path, change, message):
+    model = tmp_path / "gemma3"
+    shutil.copytree(sharp_models["gemma3"], model)
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**config, **change}))
+    with pytest.raises(ConversionError, match=message):
+        convert(model, tmp_path / "x.gguf", "f32")
+    assert not (tmp_path / "x.gguf").exists()
 
 
 def test_an_architecture_registered_through_the_hook_converts(sharp_models, tmp_path):
