@@ -81,15 +81,23 @@ _n_ctx = click.option("--n-ctx", type=int, default=4096, show_default=True, help
 @_n_ctx
 @_threads
 @click.option("--max-pairs", type=int, default=64, show_default=True, help="pairs per /v1/score request")
-def serve(model, host, port, api_key, n_ctx, threads, max_pairs):
+@click.option("--allowed-host", "allowed_hosts", multiple=True, metavar="NAME",
+              help="also serve requests whose Host header is NAME (repeatable; '*' for any). By default only "
+                   "localhost names and the --host address are served, so DNS rebinding fails")
+@click.option("--cors-origin", "cors_origins", multiple=True, metavar="ORIGIN",
+              help="let web pages from ORIGIN (e.g. http://localhost:3000) call the API (repeatable); "
+                   "no CORS by default")
+def serve(model, host, port, api_key, n_ctx, threads, max_pairs, allowed_hosts, cors_origins):
     """OpenAI-compatible chat and completions, plus POST /v1/score (chosen vs rejected)."""
     import uvicorn
 
     from serve.llama import GGUFError, LlamaVersionError
-    from serve.server import ServeError, create_app
+    from serve.server import LOCAL_HOSTS, ServeError, create_app
 
+    hosts = (*LOCAL_HOSTS, *([] if host in ("0.0.0.0", "::") else [host]), *allowed_hosts)
     try:
-        app = create_app(model, api_key=api_key, n_ctx=n_ctx, n_threads=threads, max_pairs=max_pairs)
+        app = create_app(model, api_key=api_key, n_ctx=n_ctx, n_threads=threads, max_pairs=max_pairs,
+                         allowed_hosts=hosts, cors_origins=cors_origins)
     except (ServeError, GGUFError, LlamaVersionError) as err:
         raise click.ClickException(str(err)) from None
     click.echo(f"orpo: serving {model} on http://{host}:{port} (OpenAI API under /v1, scoring at /v1/score, "

@@ -172,3 +172,61 @@ def server_model():
     from llama_cpp.server import app as llama_app
 
     return contextlib.asynccontextmanager(llama_app.get_llama_proxy)()
+
+
+def without_cors(app) -> None:
+    """Take out the allow-everything CORS middleware llama_cpp.server's create_app installs
+    (origins "*", credentials, any header): a web page must not read a local model's answers."""
+    from fastapi.middleware.cors import CORSMiddleware
+
+    app.user_middleware = [m for m in app.user_middleware if m.cls is not CORSMiddleware]
+    app.middleware_stack = None  # rebuilt from user_middleware on the first request
+
+
+def grammar_error(model_path: str | Path, grammar: str) -> str | None:
+    """None if llama.cpp accepts the GBNF grammar for this model, else why not. Runs in a child
+    process: llama.cpp's parser returns NULL on many bad grammars (which llama-cpp-python then
+    dereferences) and can crash outright on others, so it never runs in the server's process."""
+    import subprocess
+    import sys
+
+    try:
+        proc = subprocess.run([sys.executable, "-m", "serve.llama", str(model_path)], input=grammar.encode(),
+                              capture_output=True, timeout=60, env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path)))
+    except subprocess.TimeoutExpired:
+        return "llama.cpp took over 60 s to parse it"
+    if proc.returncode == 0:
+        return None
+    if proc.returncode < 0:
+        return "llama.cpp's grammar parser crashed on it"
+    for line in proc.stderr.decode(errors="replace").splitlines():
+        for marker in ("error parsing grammar: ", "unsupported grammar, "):
+            if marker in line:
+                return line.split(marker, 1)[1].strip()
+    return "llama.cpp could not parse it"
+
+
+def _check_grammar_main(model_path: str) -> int:
+    """`python -m serve.llama MODEL` < grammar: exit 0 if llama.cpp builds a sampler from it, 1 if not."""
+    import sys
+
+    grammar = sys.stdin.buffer.read()
+    params = llama_cpp.llama_model_default_params()
+    params.vocab_only = True
+    llama_cpp.llama_backend_init()
+    model = llama_cpp.llama_model_load_from_file(model_path.encode(), params)
+    if not model:
+        print("parse: the model could not be loaded", file=sys.stderr)
+        return 2
+    sampler = llama_cpp.llama_sampler_init_grammar(llama_cpp.llama_model_get_vocab(model), grammar, b"root")
+    if not sampler:
+        return 1
+    llama_cpp.llama_sampler_free(sampler)
+    llama_cpp.llama_model_free(model)
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(_check_grammar_main(sys.argv[1]))

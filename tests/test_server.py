@@ -4,6 +4,7 @@ KV reuse against full evaluation, the OpenAI client, API keys, bad input, concur
 from __future__ import annotations
 
 import concurrent.futures
+import json
 import subprocess
 
 import httpx
@@ -122,6 +123,9 @@ def test_api_key_guards_every_route_but_health(server):
                           json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
         assert chat.status_code == 401
     assert _score(url, PAIRS[0]).status_code == 200
+    for docs in ("/docs", "/redoc", "/openapi.json"):
+        assert httpx.get(f"{url}{docs}").status_code == 401, docs
+        assert httpx.get(f"{url}{docs}", headers=AUTH).status_code == 200, docs
 
 
 BAD = [
@@ -153,7 +157,8 @@ def test_bad_requests_get_a_4xx_that_names_the_problem_and_the_server_keeps_serv
     _, url = server
     for body, status, message in BAD:
         if isinstance(body, bytes):
-            response = httpx.post(f"{url}/v1/score", content=body, headers=AUTH, timeout=60)
+            response = httpx.post(f"{url}/v1/score", content=body, timeout=60,
+                                  headers={**AUTH, "Content-Type": "application/json"})
         else:
             response = _score(url, body)
         assert response.status_code == status, (body if len(str(body)) < 200 else message, response.text)
@@ -270,7 +275,7 @@ def test_score_route_builds_its_scorer_once(model, monkeypatch):
             super().__init__(llm)
 
     monkeypatch.setattr(server, "GGUFTokenizer", Counting)
-    with TestClient(server.create_app(model["f16"], n_ctx=256, n_threads=2)) as client:
+    with TestClient(server.create_app(model["f16"], n_ctx=256, n_threads=2), base_url="http://localhost") as client:
         for _ in range(3):
             assert client.post("/v1/score", json=PAIRS[0]).status_code == 200
     assert len(built) == 1
@@ -331,3 +336,62 @@ def test_tokens_longer_than_32_bytes_keep_their_text(long_token_model):
                            "--temperature", "0"], input="Hi\n/exit\n", env=_env(), capture_output=True, text=True,
                           timeout=120)
     assert chat.returncode == 0 and LONG_TOKEN * 2 in chat.stdout
+
+
+BAD_GRAMMARS = {
+    "root ::= (": "expecting",
+    "root ::= foo": "Undefined rule identifier 'foo'",
+    'root ::= root "a"': "left recursion",
+    "plain text": "expecting",
+    # llama.cpp's parser recurses once per parenthesis: this one overflows its stack
+    "root ::= " + "(" * 20000 + '"a"' + ")" * 20000: "crashed",
+}
+
+
+def test_a_bad_grammar_is_a_422_and_cannot_take_the_server_down(server):
+    """Each of these ended the process with SIGSEGV when llama.cpp's parser ran in it."""
+    _, url = server
+    for route, body in (("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]}),
+                        ("/v1/completions", {"prompt": "hi"})):
+        for grammar, why in BAD_GRAMMARS.items():
+            response = httpx.post(f"{url}{route}", headers=AUTH, timeout=120,
+                                  json={**body, "max_tokens": 2, "grammar": grammar})
+            assert response.status_code == 422, (route, grammar[:40], response.text)
+            error = response.json()["error"]
+            assert error["param"] == "grammar" and why in error["message"], (grammar[:40], error)
+        good = httpx.post(f"{url}{route}", headers=AUTH, timeout=120,
+                          json={**body, "max_tokens": 3, "grammar": 'root ::= "yes" | "no"'})
+        assert good.status_code == 200, good.text
+        choice = good.json()["choices"][0]
+        assert (choice.get("message") or {}).get("content", choice.get("text")) in ("yes", "no")
+    assert _score(url, PAIRS[0]).status_code == 200
+
+
+def test_browsers_and_rebinding_are_kept_out_unless_allowed(model):
+    page = {"Origin": "http://evil.example", **AUTH}
+    with running(model["f16"], "--api-key", KEY, "--n-ctx", "512", env=_env()) as url:
+        # no CORS at all by default: no page can read an answer, not even with credentials
+        chat = httpx.post(f"{url}/v1/chat/completions", headers=page, timeout=60,
+                          json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
+        assert chat.status_code == 200 and "access-control-allow-origin" not in chat.headers
+        preflight = httpx.options(f"{url}/v1/score", headers={"Origin": "http://evil.example",
+                                                               "Access-Control-Request-Method": "POST"})
+        assert "access-control-allow-origin" not in preflight.headers
+        # a page on another name that resolves to 127.0.0.1 (DNS rebinding)
+        rebound = httpx.post(f"{url}/v1/score", json=PAIRS[0], headers={**AUTH, "Host": "evil.example:8000"})
+        assert rebound.status_code == 400 and "--allowed-host evil.example" in rebound.json()["error"]["message"]
+        for host in ("localhost", "127.0.0.1", "[::1]"):
+            assert httpx.get(f"{url}/health", headers={"Host": f"{host}:1"}).status_code == 200, host
+        # text/plain needs no preflight, so /v1/score takes JSON only
+        plain = httpx.post(f"{url}/v1/score", content=json.dumps(PAIRS[0]), timeout=60,
+                           headers={**AUTH, "Content-Type": "text/plain"})
+        assert plain.status_code == 415
+    with running(model["f16"], "--api-key", KEY, "--n-ctx", "512", "--cors-origin", "http://app.example",
+                 "--allowed-host", "box.lan", env=_env()) as url:
+        allowed = httpx.post(f"{url}/v1/score", json=PAIRS[0], timeout=60,
+                             headers={**AUTH, "Origin": "http://app.example", "Host": "box.lan"})
+        assert allowed.status_code == 200
+        assert allowed.headers["access-control-allow-origin"] == "http://app.example"
+        assert "access-control-allow-credentials" not in allowed.headers
+        other = httpx.post(f"{url}/v1/score", json=PAIRS[0], timeout=60, headers=page)
+        assert other.status_code == 200 and "access-control-allow-origin" not in other.headers
