@@ -4,10 +4,11 @@
    evaluated once, answers on its KV cache) against scoring each full sequence with
    llama-cpp-python (Llama(logits_all=True).eval, then a log-softmax over its scores, the
    obvious way) and against transformers on the fp32 model (both sequences in one batch).
-2. Load: 8 concurrent clients x 50 requests on loopback, a mix of /v1/score and short chats;
-   errors, and latency percentiles.
+2. Load: 8 concurrent clients x 50 requests on loopback, a mix of /v1/score, short chats and
+   streamed chats, a third of the streams left by their client mid-answer; errors, whether every
+   score equals the reference, and latency percentiles.
 
-    python benchmarks/bench_serve.py [--pairs 12] [--clients 8] [--requests 50]
+    python benchmarks/bench_serve.py [--pairs 12] [--clients 8] [--requests 50] [--load-only]
 """
 
 from __future__ import annotations
@@ -90,26 +91,51 @@ def served(url: str, pairs: list[dict]) -> float:
 
 
 def load(url: str, clients: int, requests: int) -> dict:
+    """Each client cycles score, chat, streaming chat; a third of its streams it closes after the
+    first piece of text. Every score must equal the one taken before the load, and after it."""
     import httpx
 
     pair = {"prompt": "What is 12 + 30?", "chosen": "12 + 30 = 42", "rejected": "12 + 30 = 43"}
     chat = {"messages": [{"role": "user", "content": "Say something."}], "max_tokens": 16}
+    long = {**chat, "max_tokens": 256, "stream": True}  # the streams a client abandons would run on
+    with httpx.Client(base_url=url, timeout=600) as http:
+        reference = http.post("/v1/score", json=pair).json()
+
+    def stream(http, body, leave: bool) -> int:
+        with http.stream("POST", "/v1/chat/completions", json=body) as response:
+            for line in response.iter_lines():
+                if leave and '"content":"' in line and '"content":""' not in line:
+                    break  # the client goes away mid-answer
+            return response.status_code
 
     def client(i):
         out = []
         with httpx.Client(base_url=url, timeout=600) as http:
             for j in range(requests):
-                start = time.perf_counter()
-                r = http.post("/v1/score", json=pair) if (i + j) % 2 else http.post("/v1/chat/completions", json=chat)
-                out.append((r.status_code, time.perf_counter() - start))
+                kind, start, same = (i + j) % 3, time.perf_counter(), True
+                if kind == 0:
+                    r = http.post("/v1/score", json=pair)
+                    status, same = r.status_code, r.json() == reference
+                elif kind == 1:
+                    status = http.post("/v1/chat/completions", json=chat).status_code
+                else:
+                    leave = (i + j) // 3 % 3 == 0
+                    status = stream(http, long if leave else {**chat, "stream": True}, leave)
+                    kind = 3 if leave else 2
+                out.append((kind, status, same, time.perf_counter() - start))
         return out
 
     start = time.perf_counter()
     with concurrent.futures.ThreadPoolExecutor(clients) as pool:
         results = [r for batch in pool.map(client, range(clients)) for r in batch]
     wall = time.perf_counter() - start
-    latencies = np.array([t for _, t in results])
-    return {"requests": len(results), "errors": sum(status != 200 for status, _ in results), "wall_s": wall,
+    with httpx.Client(base_url=url, timeout=600) as http:
+        after = http.post("/v1/score", json=pair).json()
+    latencies = np.array([t for *_, t in results])
+    kinds = [k for k, *_ in results]
+    return {"requests": len(results), "errors": sum(status != 200 for _, status, _, _ in results), "wall_s": wall,
+            "scores": kinds.count(0), "chats": kinds.count(1), "streams": kinds.count(2) + kinds.count(3),
+            "left_early": kinds.count(3), "scores_equal": all(same for *_, same, _ in results) and after == reference,
             "p50_s": float(np.percentile(latencies, 50)), "p99_s": float(np.percentile(latencies, 99))}
 
 
@@ -118,6 +144,7 @@ def main(argv=None):
     parser.add_argument("--pairs", type=int, default=12)
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--requests", type=int, default=50)
+    parser.add_argument("--load-only", action="store_true", help="only the load run")
     args = parser.parse_args(argv)
     threads = os.cpu_count() or 1
     from transformers import AutoTokenizer
@@ -139,8 +166,11 @@ def main(argv=None):
         print(f"model: {params / 1e6:.0f}M parameters, q8_0; {args.pairs} pairs, prompt "
               f"{len(encoded[0][0])} tokens, answers {len(encoded[0][1])} tokens; {threads} threads")
         with running(gguf, "--n-ctx", "1024", "--n-threads", str(threads)) as url:
-            ours = served(url, pairs)
             report = load(url, args.clients, args.requests)
+            ours = None if args.load_only else served(url, pairs)
+        _print_load(args, report)
+        if args.load_only:
+            return
         llama_full = full_sequence_llama_cpp(gguf, encoded, threads)
         hf = transformers_fp32(tmp / "model", encoded, threads)
     prompt, answer = len(encoded[0][0]), len(encoded[0][1])
@@ -152,9 +182,14 @@ def main(argv=None):
           f"{ours / llama_full:.2f}x |")
     print(f"| transformers fp32, both sequences in one batch | {hf:.2f} | {twice} | {hf * twice:.0f} | "
           f"{ours / hf:.2f}x |")
-    print(f"load: {args.clients} clients x {args.requests} requests (score and 16-token chats alternating): "
-          f"{report['requests']} requests, {report['errors']} errors, {report['wall_s']:.1f} s, "
-          f"p50 {report['p50_s'] * 1000:.0f} ms, p99 {report['p99_s'] * 1000:.0f} ms")
+
+
+def _print_load(args, report: dict) -> None:
+    print(f"load: {args.clients} clients x {args.requests} requests ({report['scores']} scores, {report['chats']} "
+          f"16-token chats, {report['streams']} streamed chats of which {report['left_early']} left by their client "
+          f"mid-answer): {report['errors']} errors, every score equal to the reference before and after: "
+          f"{report['scores_equal']}, {report['wall_s']:.1f} s, p50 {report['p50_s'] * 1000:.0f} ms, "
+          f"p99 {report['p99_s'] * 1000:.0f} ms")
 
 
 if __name__ == "__main__":

@@ -10,9 +10,13 @@ HELP = "commands: /reset (forget the conversation), /system TEXT (set the system
 
 def chat(model_path: str, n_ctx: int = 4096, threads: int | None = None, max_tokens: int = 512,
          temperature: float = 0.7, system: str | None = None, out=sys.stdout) -> None:
-    from serve.llama import open_gguf
+    from orpo_plugin.core.tokenize import encode_prompts
+    from serve.generate import Sampling, generate
+    from serve.llama import KVCache, open_gguf
+    from serve.scoring import GGUFTokenizer
 
     llm = open_gguf(model_path, n_ctx, threads)
+    tokenizer = GGUFTokenizer(llm)
     history: list[dict] = []
     print(f"chatting with {model_path}; {HELP}", file=out, flush=True)
     try:
@@ -44,12 +48,24 @@ def chat(model_path: str, n_ctx: int = 4096, threads: int | None = None, max_tok
             messages = ([{"role": "system", "content": system}] if system else []) + history
             reply = []
             try:
-                for chunk in llm.create_chat_completion(messages, stream=True, max_tokens=max_tokens,
-                                                        temperature=temperature):
-                    piece = chunk["choices"][0]["delta"].get("content") or ""
+                rendered = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+            except Exception as err:  # noqa: BLE001 - the template's own raise_exception, or its code failing
+                history.pop()
+                print(f"(the model's chat template cannot render this conversation: {err})", file=out, flush=True)
+                continue
+            prompt = encode_prompts(tokenizer, [rendered])[0]
+            room = llm.n_ctx() - len(prompt)
+            if room < 1:
+                history.pop()
+                print(f"(the conversation is {len(prompt)} tokens, over the context of {llm.n_ctx()}: /reset, or "
+                      f"restart with a larger --n-ctx)", file=out, flush=True)
+                continue
+            try:
+                for piece in generate(llm, prompt, min(max_tokens, room), sampling=Sampling(temperature=temperature)):
                     reply.append(piece)
                     print(piece, end="", file=out, flush=True)
             except KeyboardInterrupt:
+                KVCache(llm).clear()  # the interrupt may have come mid-decode
                 print(" [stopped]", end="", file=out)
             print(file=out, flush=True)
             history.append({"role": "assistant", "content": "".join(reply)})

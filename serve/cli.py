@@ -87,7 +87,12 @@ _n_ctx = click.option("--n-ctx", type=int, default=4096, show_default=True, help
 @click.option("--cors-origin", "cors_origins", multiple=True, metavar="ORIGIN",
               help="let web pages from ORIGIN (e.g. http://localhost:3000) call the API (repeatable); "
                    "no CORS by default")
-def serve(model, host, port, api_key, n_ctx, threads, max_pairs, allowed_hosts, cors_origins):
+@click.option("--request-timeout", type=click.FloatRange(min=1), default=600, show_default=True,
+              help="seconds a chat or completion may generate; it then ends with finish_reason \"length\"")
+@click.option("--read-timeout", type=click.FloatRange(min=0.1), default=30, show_default=True,
+              help="seconds a client has to send its request body")
+def serve(model, host, port, api_key, n_ctx, threads, max_pairs, allowed_hosts, cors_origins, request_timeout,
+          read_timeout):
     """OpenAI-compatible chat and completions, plus POST /v1/score (chosen vs rejected)."""
     import uvicorn
 
@@ -97,12 +102,17 @@ def serve(model, host, port, api_key, n_ctx, threads, max_pairs, allowed_hosts, 
     hosts = (*LOCAL_HOSTS, *([] if host in ("0.0.0.0", "::") else [host]), *allowed_hosts)
     try:
         app = create_app(model, api_key=api_key, n_ctx=n_ctx, n_threads=threads, max_pairs=max_pairs,
-                         allowed_hosts=hosts, cors_origins=cors_origins)
+                         allowed_hosts=hosts, cors_origins=cors_origins, request_timeout=request_timeout,
+                         read_timeout=read_timeout)
     except (ServeError, GGUFError, LlamaVersionError) as err:
         raise click.ClickException(str(err)) from None
+    if n_ctx > app.state.trained_context > 0:
+        click.echo(f"orpo: warning: --n-ctx {n_ctx} is more than the {app.state.trained_context} tokens {model} was "
+                   f"trained on; past that its answers degrade (pass --n-ctx {app.state.trained_context})", err=True)
     click.echo(f"orpo: serving {model} on http://{host}:{port} (OpenAI API under /v1, scoring at /v1/score, "
                f"GET /health)", err=True)
-    uvicorn.run(app, host=host, port=port, log_level="warning")
+    # On SIGTERM or Ctrl-C, requests still running after 1 s are cancelled: generations stop at their next token.
+    uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=1)
 
 
 @main.command("score")

@@ -4,8 +4,9 @@
   logits of chosen rows only, and keeps llama-cpp-python's record of the KV cache
   (`Llama.n_tokens`, `Llama.input_ids`, which `generate` uses to reuse a cached prefix) in step
   with what is really cached.
-- The server's /v1/score borrows the model from llama_cpp.server's proxy (`get_llama_proxy`), so
-  scoring and generation share one model and one lock.
+- `Llama._requires_eval`: set after scoring, so that a generation whose prompt is exactly the
+  cached tokens decodes its last token again instead of sampling from logits a score left.
+- The end-of-generation token set (`llama_vocab_is_eog` on `Llama._model.vocab`).
 - `LlamaModel.detokenize` / `token_to_piece` are replaced by versions without a 32-byte limit per
   token, so chat, streaming and completions keep every token's text.
 
@@ -140,17 +141,20 @@ class KVCache:
     def clear(self) -> None:
         self.llm._ctx.kv_cache_clear()
         self.llm.n_tokens = 0
+        self.llm._requires_eval = True
 
     def truncate(self, n: int) -> None:
         """Keep positions [0, n)."""
         if n < self.llm.n_tokens:
             self.llm._ctx.kv_cache_seq_rm(-1, n, -1)
             self.llm.n_tokens = n
+            self.llm._requires_eval = True  # the last logits are no longer those of position n - 1
 
     def decode(self, tokens: list[int], every_row: bool) -> np.ndarray:
         """Append tokens after the cached ones; returns the logits of every new row [len, vocab],
         or of the last one [1, vocab], as float32 copies."""
         llm, rows = self.llm, []
+        llm._requires_eval = True  # our logits rows are ours: a generation re-decodes its last prompt token
         try:
             for start in range(0, len(tokens), llm.n_batch):
                 batch = tokens[start:start + llm.n_batch]
@@ -167,20 +171,19 @@ class KVCache:
         return np.concatenate(rows if every_row else rows[-1:])
 
 
-def server_model():
-    """An async context manager lending llama_cpp.server's model (with its lock held) to a route."""
-    from llama_cpp.server import app as llama_app
-
-    return contextlib.asynccontextmanager(llama_app.get_llama_proxy)()
+def is_end_of_generation(llm: llama_cpp.Llama, token: int) -> bool:
+    """The model's end of turn (EOS, EOT, <|im_end|>, ...: llama.cpp's end-of-generation set)."""
+    return bool(llama_cpp.llama_vocab_is_eog(llm._model.vocab, token))
 
 
-def without_cors(app) -> None:
-    """Take out the allow-everything CORS middleware llama_cpp.server's create_app installs
-    (origins "*", credentials, any header): a web page must not read a local model's answers."""
-    from fastapi.middleware.cors import CORSMiddleware
+JSON_GRAMMAR = llama_cpp.llama_grammar.JSON_GBNF  # any JSON value: response_format {"type": "json_object"}
 
-    app.user_middleware = [m for m in app.user_middleware if m.cls is not CORSMiddleware]
-    app.middleware_stack = None  # rebuilt from user_middleware on the first request
+
+def json_schema_grammar(schema: dict) -> str:
+    """GBNF for answers that follow a JSON schema (llama-cpp-python's converter)."""
+    import json
+
+    return llama_cpp.llama_grammar.json_schema_to_gbnf(json.dumps(schema))
 
 
 def grammar_error(model_path: str | Path, grammar: str) -> str | None:

@@ -63,9 +63,10 @@ class GGUFTokenizer:
                for t in ([texts] if one else texts)]
         return {"input_ids": ids[0] if one else ids}
 
-    def apply_chat_template(self, messages, chat_template=None, tokenize=False, add_generation_prompt=False):
+    def apply_chat_template(self, messages, chat_template=None, tokenize=False, add_generation_prompt=False,
+                            tools=None):
         return render_template(chat_template or self.chat_template, messages, add_generation_prompt,
-                               bos_token=self.bos_token or "", eos_token=self.eos_token)
+                               bos_token=self.bos_token or "", eos_token=self.eos_token, tools=tools)
 
 
 def encode_pair(tokenizer, pair: PairText) -> tuple[list[int], list[int], list[int]]:

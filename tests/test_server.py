@@ -4,6 +4,7 @@ KV reuse against full evaluation, the OpenAI client, API keys, bad input, concur
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import json
 import subprocess
 
@@ -11,14 +12,21 @@ import httpx
 import llama_cpp
 import numpy as np
 import pytest
+import tiny
 import torch
 from test_cli import BIN, _env
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-import tiny
-from serve.convert import convert
-from serve.scoring import HFScorer, LlamaCppScorer, PairText, encode_pair, score_ids, score_pair
 from orpo_demo.serving import free_port, running
+from serve.convert import convert
+from serve.scoring import (
+    HFScorer,
+    LlamaCppScorer,
+    PairText,
+    encode_pair,
+    score_ids,
+    score_pair,
+)
 
 KEY = "test-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -262,25 +270,6 @@ def test_a_failed_decode_leaves_the_cache_as_llama_cpp_believes(llm, model):
     _check_follow_up(llm, model, prompt + chosen[:-1])
 
 
-def test_score_route_builds_its_scorer_once(model, monkeypatch):
-    from fastapi.testclient import TestClient
-
-    from serve import server
-
-    built = []
-
-    class Counting(server.GGUFTokenizer):
-        def __init__(self, llm):
-            built.append(llm)
-            super().__init__(llm)
-
-    monkeypatch.setattr(server, "GGUFTokenizer", Counting)
-    with TestClient(server.create_app(model["f16"], n_ctx=256, n_threads=2), base_url="http://localhost") as client:
-        for _ in range(3):
-            assert client.post("/v1/score", json=PAIRS[0]).status_code == 200
-    assert len(built) == 1
-
-
 def test_the_server_harness_leaves_no_file_open(model):
     import os
 
@@ -295,25 +284,8 @@ LONG_TOKEN = "=" * 40  # longer than llama-cpp-python 0.3.36's 32-byte piece buf
 
 @pytest.fixture(scope="module")
 def long_token_model(tmp_path_factory):
-    """A model whose every greedy step emits one 40-byte token: all hidden states equal one vector v
-    (one embedding for every token, attention and MLP outputs zeroed), and that token's LM-head row
-    is the normalised v."""
     root = tmp_path_factory.mktemp("long-token")
-    tokenizer = tiny.build_tokenizer(None)
-    tokenizer.add_tokens([LONG_TOKEN])
-    model = tiny.build_model("llama", None, tokenizer=tokenizer)
-    long_id = tokenizer.convert_tokens_to_ids(LONG_TOKEN)
-    with torch.no_grad():
-        v = torch.randn(model.config.hidden_size)
-        model.get_input_embeddings().weight[:] = v
-        for layer in model.model.layers:
-            layer.self_attn.o_proj.weight.zero_()
-            layer.mlp.down_proj.weight.zero_()
-        normed = model.model.norm(v[None])[0]
-        model.lm_head.weight[long_id] = 10 * normed / normed.norm()
-    model.save_pretrained(str(root / "hf"))
-    tokenizer.save_pretrained(str(root / "hf"))
-    return convert(root / "hf", root / "m.gguf", "f32")
+    return convert(tiny.one_token_model(root / "hf", LONG_TOKEN), root / "m.gguf", "f32")
 
 
 def test_tokens_longer_than_32_bytes_keep_their_text(long_token_model):
@@ -395,3 +367,211 @@ def test_browsers_and_rebinding_are_kept_out_unless_allowed(model):
         assert "access-control-allow-credentials" not in allowed.headers
         other = httpx.post(f"{url}/v1/score", json=PAIRS[0], timeout=60, headers=page)
         assert other.status_code == 200 and "access-control-allow-origin" not in other.headers
+
+
+def test_a_generation_from_exactly_the_scored_prompt_does_not_sample_from_a_score_s_logits(llm, model):
+    """After a score whose last answer is one token, the cache holds exactly the prompt but the
+    last logits are the other answer's: a chat on that prompt must decode again, not sample them."""
+    from serve.scoring import GGUFTokenizer
+
+    tokenizer = GGUFTokenizer(llm)
+    prompt, chosen, rejected = encode_pair(tokenizer, PairText("What is 2 + 2?", "The answer is four.", "<|im_end|>"))
+    score_ids(LlamaCppScorer(llm), prompt, chosen, rejected)
+    _check_follow_up(llm, model, prompt)
+
+
+CHAT = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
+INVALID = [  # (route, body, status, param); each was a 500 from llama-cpp-python's server
+    ("/v1/chat/completions", {**CHAT, "top_p": 5}, 422, "top_p"),
+    ("/v1/chat/completions", {**CHAT, "top_k": -1}, 422, "top_k"),
+    ("/v1/chat/completions", {**CHAT, "temperature": "hot"}, 422, "temperature"),
+    ("/v1/chat/completions", {**CHAT, "max_tokens": 1e308}, 422, "max_tokens"),
+    ("/v1/chat/completions", {**CHAT, "max_tokens": 100000}, 422, "max_tokens"),
+    ("/v1/chat/completions", {**CHAT, "n": 2}, 422, "n"),
+    ("/v1/chat/completions", {**CHAT, "logprobs": True}, 422, "logprobs"),
+    ("/v1/chat/completions", {**CHAT, "logit_bias": {"99999999": 1}}, 422, "logit_bias"),
+    ("/v1/chat/completions", {**CHAT, "stop": [""]}, 422, "stop"),
+    ("/v1/chat/completions", {"messages": [{"role": "robot", "content": "x"}]}, 422, "messages[0].role"),
+    ("/v1/chat/completions", {"messages": []}, 422, "messages"),
+    ("/v1/chat/completions", {"messages": [{"role": "user"}]}, 422, "messages[0].content"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "http://x/cat.png"}}]}]}, 422, "messages[0].content[0]"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "many words " * 400}]}, 422, "messages"),
+    ("/v1/chat/completions", {**CHAT, "response_format": {"type": "json_schema", "json_schema": {
+        "schema": {"type": "no-such-type"}}}}, 422, "response_format.json_schema.schema"),
+    ("/v1/completions", {}, 422, "prompt"),
+    ("/v1/completions", {"prompt": [10**9]}, 422, "prompt[0]"),
+    ("/v1/completions", {"prompt": "x", "suffix": "y"}, 422, "suffix"),
+    ("/v1/score", {"prompt": "\ud800", "chosen": "a", "rejected": "b"}, 400, "prompt"),
+]
+RAW = [  # (route, body bytes, content type, status)
+    ("/v1/chat/completions", json.dumps(CHAT).encode(), "text/plain", 415),
+    ("/v1/chat/completions", b"", "application/json", 400),
+    ("/v1/chat/completions", b'{"messages": "\xff\xfe"}', "application/json", 400),
+    ("/v1/score", b"[" * 10000 + b"]" * 10000, "application/json", 400),
+    ("/v1/score", b'{"prompt": "\\ud800", "chosen": "a", "rejected": "b"}', "application/json", 400),
+]
+
+
+def test_every_invalid_request_is_a_4xx_naming_the_field_without_paths(server, model):
+    kind, url = server
+    with httpx.Client(base_url=url, headers=AUTH, timeout=60) as http:
+        for route, body, status, param in INVALID:
+            raw = json.dumps(body, ensure_ascii=True).encode()  # a lone surrogate only survives as an escape
+            response = http.post(route, content=raw, headers={"Content-Type": "application/json"})
+            assert response.status_code == status, (route, body, response.text)
+            error = response.json()["error"]
+            assert error["param"] == param and error["message"].startswith(param), (body, error)
+            assert str(model["hf"].parent) not in response.text and "File \"" not in response.text
+        for route, raw, content_type, status in RAW:
+            response = http.post(route, content=raw, headers={"Content-Type": content_type})
+            assert response.status_code == status, (route, raw[:40], response.text)
+            assert "error" in response.json()
+        assert http.post("/v1/embeddings", json={"input": "x"}).status_code == 404
+        allowed = http.get("/v1/chat/completions")
+        assert allowed.status_code == 405 and allowed.headers["allow"] == "POST"
+        reply = http.post("/v1/chat/completions", json=CHAT).json()
+        assert reply["model"] == model[kind].name  # the file's name, not its path
+
+
+VALID_SHAPES = [
+    [{"role": "user", "content": [{"type": "text", "text": "What is"}, {"type": "text", "text": "2 + 3?"}]}],
+    [{"role": "developer", "content": "Answer briefly."}, {"role": "user", "content": "hi"}],
+    [{"role": "user", "content": "hi"}, {"role": "assistant"}, {"role": "user", "content": "again"}],
+    [{"role": "user", "content": "weather?"},
+     {"role": "assistant", "content": None, "tool_calls": [{"id": "c1", "type": "function", "function": {
+         "name": "weather", "arguments": "{}"}}]},
+     {"role": "tool", "tool_call_id": "c1", "content": "sunny"}],
+]
+
+
+def test_the_openai_chat_shapes_clients_send_are_answered(server):
+    _, url = server
+    for shape in VALID_SHAPES:
+        response = httpx.post(f"{url}/v1/chat/completions", headers=AUTH, timeout=60,
+                              json={"messages": shape, "max_tokens": 3, "stream_options": {"include_usage": True}})
+        assert response.status_code == 200, (shape, response.text)
+    with httpx.stream("POST", f"{url}/v1/chat/completions", headers=AUTH, timeout=60, json={
+            "messages": VALID_SHAPES[0], "max_tokens": 4, "stream": True,
+            "stream_options": {"include_usage": True}}) as stream:
+        events = [line[6:] for line in stream.iter_lines() if line.startswith("data: ")]
+    from serve.api import ChatCompletionChunk
+
+    chunks = [ChatCompletionChunk.model_validate_json(e) for e in events[:-1]]
+    assert events[-1] == "[DONE]" and chunks[0].choices[0].delta.role == "assistant"
+    assert chunks[-2].choices[0].finish_reason in ("stop", "length") and chunks[-1].usage.completion_tokens >= 1
+    schema = httpx.get(f"{url}/openapi.json", headers=AUTH).json()
+    score = schema["paths"]["/v1/score"]["post"]
+    assert score["requestBody"]["content"]["application/json"]["schema"]["anyOf"]
+    assert {"ScorePair", "ScoreBatch", "PairScore", "ChatCompletionChunk"} <= set(schema["components"]["schemas"])
+
+
+def _raw(url: str, head: bytes, body: bytes = b"", wait: float = 5.0) -> bytes:
+    """Send head and body on a socket, keep it open, and return what the server answers within wait s."""
+    import socket
+
+    _, port = url.rsplit(":", 1)
+    with socket.create_connection(("127.0.0.1", int(port)), timeout=wait) as sock:
+        sock.sendall(head + body)
+        try:
+            return sock.recv(65536)
+        except TimeoutError:
+            return b""
+
+
+def test_bodies_are_bounded_in_size_and_time_and_come_after_the_key(model):
+    with running(model["f16"], "--api-key", KEY, "--n-ctx", "256", "--read-timeout", "1", env=_env()) as url:
+        def chunked():
+            for _ in range(64):
+                yield b" " * 65536  # 4 MiB of JSON whitespace, chunked: no Content-Length to refuse up front
+
+        response = httpx.post(f"{url}/v1/chat/completions", content=chunked(), timeout=60,
+                              headers={**AUTH, "Content-Type": "application/json"})
+        assert response.status_code == 413 and response.headers["connection"] == "close"
+        head = (b"POST /v1/score HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+                b"Transfer-Encoding: chunked\r\n")
+        # no key: refused at once, the body never read
+        assert _raw(url, head + b"\r\n", b"10\r\n{\"prompt\": \"q\", ", wait=3).startswith(b"HTTP/1.1 401")
+        # a body that stops arriving: 408 after --read-timeout, not a worker held forever
+        slow = _raw(url, head.replace(b"Transfer-Encoding: chunked", b"Content-Length: 100")
+                    + f"Authorization: Bearer {KEY}\r\n\r\n".encode(), b'{"prompt": ', wait=10)
+        assert slow.startswith(b"HTTP/1.1 408") and b"connection: close" in slow.lower()
+        assert _score(url, PAIRS[0]).status_code == 200
+
+
+@pytest.fixture(scope="module")
+def endless_model(tmp_path_factory):
+    """A model that answers with byte 0xE2 forever: never a whole UTF-8 character (llama-cpp-python's
+    stream loop sent nothing for such output and so never saw its client leave), 16k context,
+    wide enough that a full answer takes several seconds."""
+    root = tmp_path_factory.mktemp("endless")
+    hf = tiny.one_token_model(root / "hf", "\u00e2", hidden_size=512, intermediate_size=1024,
+                              max_position_embeddings=16384)  # byte-level BPE's symbol for byte 0xE2
+    return convert(hf, root / "m.gguf", "f32")
+
+
+def _model_is_free(url: str) -> float:
+    import time
+
+    start = time.monotonic()
+    assert httpx.post(f"{url}/v1/completions", json={"prompt": "Hi", "max_tokens": 1}, timeout=120).status_code == 200
+    return time.monotonic() - start
+
+
+def test_a_client_that_leaves_frees_the_model_within_a_second(endless_model):
+    import time
+
+    body = {"messages": [{"role": "user", "content": "Hi"}], "temperature": 0, "max_tokens": 12000}
+    with running(endless_model, "--n-ctx", "16384", "--n-threads", "2", env=_env()) as url:
+        with httpx.stream("POST", f"{url}/v1/chat/completions", json={**body, "stream": True}, timeout=60) as s:
+            lines = s.iter_lines()
+            assert next(lines).startswith("data: ")
+            while not (line := next(lines)).startswith("data: "):
+                pass
+            assert "\ufffd" in json.loads(line[6:])["choices"][0]["delta"]["content"]  # text flows, not held back
+        # the stream is closed with ~12,000 tokens to go (tens of seconds of work)
+        assert _model_is_free(url) < 1.5
+        with pytest.raises(httpx.ReadTimeout):  # a non-streaming chat whose client gives up
+            httpx.post(f"{url}/v1/chat/completions", json=body, timeout=1)
+        time.sleep(0.05)
+        assert _model_is_free(url) < 1.5
+
+
+def test_sigterm_stops_the_server_within_two_seconds_mid_generation(endless_model):
+    import signal
+    import threading
+    import time
+
+    port = free_port()
+    proc = subprocess.Popen([str(BIN / "orpo"), "serve", str(endless_model), "--port", str(port), "--n-ctx", "16384",
+                             "--n-threads", "2"], env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.time() + 120
+        while True:
+            try:
+                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                assert time.time() < deadline
+                time.sleep(0.2)
+
+        def reader():
+            body = {"messages": [{"role": "user", "content": "Hi"}], "temperature": 0, "max_tokens": 12000,
+                    "stream": True}
+            with contextlib.suppress(httpx.HTTPError), httpx.stream("POST", f"{url}/v1/chat/completions",
+                                                                    json=body, timeout=120) as s:
+                for _ in s.iter_lines():
+                    pass
+
+        thread = threading.Thread(target=reader, daemon=True)
+        thread.start()
+        time.sleep(1.0)
+        start = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
+        assert time.monotonic() - start < 2.5
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

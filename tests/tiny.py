@@ -115,3 +115,27 @@ def build_tekken_tokenizer(out_dir: str | Path | None):
     if out_dir is not None:
         tokenizer.save_pretrained(str(out_dir))
     return tokenizer
+
+
+def one_token_model(out_dir: str | Path, token: str, arch: str = "llama", **overrides):
+    """A model whose every greedy step emits `token` (added to the vocabulary if new), saved with
+    its tokenizer: all hidden states equal one vector v (one embedding for every token, attention
+    and MLP outputs zeroed), and that token's LM-head row is the normalised v."""
+    import torch
+
+    tokenizer = build_tokenizer(None)
+    if token not in tokenizer.get_vocab():
+        tokenizer.add_tokens([token])
+    model = build_model(arch, None, tokenizer=tokenizer, **overrides)
+    token_id = tokenizer.convert_tokens_to_ids(token)
+    with torch.no_grad():
+        v = torch.randn(model.config.hidden_size)
+        model.get_input_embeddings().weight[:] = v
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        normed = model.model.norm(v[None])[0]
+        model.lm_head.weight[token_id] = 10 * normed / normed.norm()
+    model.save_pretrained(str(out_dir))
+    tokenizer.save_pretrained(str(out_dir))
+    return Path(out_dir)
