@@ -40,7 +40,7 @@ from starlette.exceptions import HTTPException
 from orpo_plugin.core.formats import BadRow, check_prompt_order, messages, text
 from orpo_plugin.core.tokenize import encode_prompts
 from serve import api, llama
-from serve.generate import Outcome, Sampling, generate
+from serve.generate import Outcome, Sampling, complete, generate
 from serve.scoring import (
     GGUFTokenizer,
     LlamaCppScorer,
@@ -148,9 +148,9 @@ def check_json(raw: bytes):
             for key, item in value.items():
                 if _SURROGATE.search(key):
                     raise RequestError(400, f"{where}: a key has a lone surrogate (\\ud800-\\udfff); send UTF-8 text")
-                todo.append((item, depth + 1, key))
+                todo.append((item, depth + 1, key if where == "body" else f"{where}.{key}"))
         elif isinstance(value, list):
-            todo.extend((item, depth + 1, f"{where}[{i}]") for i, item in enumerate(value))
+            todo.extend((item, depth + 1, f"{'' if where == 'body' else where}[{i}]") for i, item in enumerate(value))
         elif isinstance(value, str) and _SURROGATE.search(value):
             raise RequestError(400, f"{where}: a string with a lone surrogate (\\ud800-\\udfff); send UTF-8 text",
                                where)
@@ -482,13 +482,12 @@ def create_app(model_path: str | Path, *, api_key: str | None = None, n_ctx: int
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     async def run_to_end(http: Request, prompt, max_tokens, settings, stops) -> Outcome:
-        stop, outcome = threading.Event(), Outcome()
+        stop = threading.Event()
         watcher = asyncio.create_task(_set_on_disconnect(http, stop))
 
         def work():
-            for _ in generate(llm, prompt, max_tokens, stops, settings, engine.stopper(stop), outcome):
-                pass
-            return outcome
+            return complete(llm, prompt, max_tokens, stop=stops, sampling=settings,
+                            stop_requested=engine.stopper(stop))
 
         try:
             return await engine.run(work, stop)
@@ -561,10 +560,7 @@ def create_app(model_path: str | Path, *, api_key: str | None = None, n_ctx: int
     async def score(http: Request):
         """Log-probs of a chosen and a rejected answer after a prompt, as training computed them,
         and which the model prefers; {"pairs": [...]} scores up to --max-pairs in one request."""
-        try:
-            pairs, batch = parse_score_request(http.scope["state"]["json"], max_pairs)
-        except RequestError as err:
-            return _error(err.status, err.message, err.param)
+        pairs, batch = parse_score_request(http.scope["state"]["json"], max_pairs)
         try:
             results = await engine.run(lambda: _score_all(engine.scorer, engine.tokenizer, pairs, batch),
                                        threading.Event())

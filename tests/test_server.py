@@ -403,6 +403,7 @@ INVALID = [  # (route, body, status, param); each was a 500 from llama-cpp-pytho
     ("/v1/completions", {"prompt": [10**9]}, 422, "prompt[0]"),
     ("/v1/completions", {"prompt": "x", "suffix": "y"}, 422, "suffix"),
     ("/v1/score", {"prompt": "\ud800", "chosen": "a", "rejected": "b"}, 400, "prompt"),
+    ("/v1/score", {"pairs": [PAIRS[0], {"prompt": "q", "chosen": "\udfff", "rejected": "b"}]}, 400, "pairs[1].chosen"),
 ]
 RAW = [  # (route, body bytes, content type, status)
     ("/v1/chat/completions", json.dumps(CHAT).encode(), "text/plain", 415),
