@@ -3,9 +3,21 @@ PY      ?= python3
 VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
-# llama-cpp-python compiles from source; pip keeps the built wheel in its cache,
-# so only the first setup on a machine pays for the compile.
-export CMAKE_ARGS ?= -DLLAVA_BUILD=OFF
+# llama-cpp-python compiles from source, once per machine and CPU: the wheel is kept under LLAMA_WHEELS.
+# On x86-64 it is built for this CPU's vector extensions named one by one, not -march=native,
+# because -march=native also turns on AMX, and on a CPU with AMX (Sapphire Rapids) every q8_0 and
+# K-quant decode crashed with SIGSEGV in this sandbox. pip's own wheel cache is not used for it: it
+# would hand a wheel built on one machine to another.
+LLAMA_CPP_VERSION := $(shell sed -n 's/.*"llama-cpp-python[^=]*==\([0-9.]*\)".*/\1/p' pyproject.toml)
+CPU_FLAGS := $(shell grep -m1 '^flags' /proc/cpuinfo 2>/dev/null)
+ggml_if = $(if $(filter $(1),$(CPU_FLAGS)),-D$(2)=ON)
+ifeq ($(shell uname -m),x86_64)
+LLAMA_CPU := -DGGML_NATIVE=OFF $(call ggml_if,avx512f,GGML_AVX512) $(call ggml_if,avx512vbmi,GGML_AVX512_VBMI) \
+  $(call ggml_if,avx512_vnni,GGML_AVX512_VNNI) $(call ggml_if,avx512_bf16,GGML_AVX512_BF16) \
+  $(call ggml_if,avx_vnni,GGML_AVX_VNNI)
+endif
+export CMAKE_ARGS ?= -DLLAVA_BUILD=OFF $(LLAMA_CPU)
+LLAMA_WHEELS := $(HOME)/.cache/orpo-plugin/wheels/llama-cpp-python-$(LLAMA_CPP_VERSION)-$(shell echo '$(CMAKE_ARGS)' | md5sum | cut -c1-12)
 # Offline, quiet runs (nothing is ever downloaded at run time), with the venv's tools first on PATH:
 # the variables are defined once, in orpo_demo/env.py.
 RUN     = env $$($(BIN)/python -m orpo_demo.env) PATH=$(abspath $(BIN)):$$PATH
@@ -19,7 +31,10 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --upgrade pip wheel
 	# torch first: a bare requirement would pull a multi-GB CUDA build.
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[dev]'
+	test -n "$$(ls $(LLAMA_WHEELS)/*.whl 2>/dev/null)" || { rm -rf $(LLAMA_WHEELS).building && \
+	  $(BIN)/pip wheel -q --no-deps --no-cache-dir --no-binary llama-cpp-python -w $(LLAMA_WHEELS).building \
+	  llama-cpp-python==$(LLAMA_CPP_VERSION) && mv $(LLAMA_WHEELS).building $(LLAMA_WHEELS); }
+	$(BIN)/pip install -q --find-links $(LLAMA_WHEELS) -e '.[dev]'
 	touch $(STAMP)
 
 # Tools the tests use beside Python (Debian's packages): Go renders Ollama Modelfile templates with its
@@ -50,6 +65,7 @@ bench: setup
 	$(RUN) $(BIN)/python benchmarks/bench_data.py
 	$(RUN) $(BIN)/python benchmarks/bench_prefix_sharing.py
 	$(RUN) $(BIN)/python benchmarks/bench_export.py
+	$(RUN) $(BIN)/python benchmarks/bench_export_scale.py
 	$(RUN) $(BIN)/python benchmarks/bench_serve.py
 	$(RUN) $(BIN)/python benchmarks/bench_orpo_vs_sft.py
 	$(RUN) $(BIN)/python benchmarks/bench_cli.py

@@ -15,15 +15,26 @@ import click
 DEFAULT_QUANTS = ("q8_0", "q4_k_m")
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
 def _run_export(base, adapter, out, quants, force, threads, num_ctx):
+    import signal
+
     from serve.convert import ConversionError
-    from serve.export import ExportError, export, report_table
+    from serve.export import ExportError, export, report_table, stage_table
     from serve.merge import MergeError
     from serve.quantize import QuantizeError
 
+    signal.signal(signal.SIGTERM, _interrupt)  # like Ctrl-C: temporary files are removed on the way out
     try:
         report = export(base, adapter, out, list(quants), force=force, threads=threads, num_ctx=num_ctx,
                         progress=lambda msg: click.echo(f"orpo: {msg}", err=True))
+    except KeyboardInterrupt:
+        click.echo(f"orpo: interrupted; no temporary file is left in {out}, and files already complete keep "
+                   f"their names", err=True)
+        raise click.exceptions.Exit(130) from None
     except (ExportError, MergeError, ConversionError, QuantizeError) as err:
         raise click.ClickException(str(err)) from None
     except OSError as err:  # disk full, file too large, permissions: nothing was left under a final name
@@ -31,7 +42,10 @@ def _run_export(base, adapter, out, quants, force, threads, num_ctx):
         why = err.strerror or f"short write ({err}), is the disk full?"
         raise click.ClickException(f"could not write {where}: {why}; free space or pick another --out, "
                                    f"then rerun with --force") from None
+    click.echo(stage_table(report))
     click.echo(report_table(report))
+    if not report["logits"]["checked"]:
+        click.echo(f"orpo: logits not checked end to end: {report['logits']['why']}", err=True)
     click.echo(f"wrote {out}/ (Modelfile: FROM ./{report['modelfile']['from']}; export_report.json)")
     for line in report["failed_checks"]:
         click.echo(f"orpo: CHECK FAILED: {line}", err=True)
@@ -40,7 +54,8 @@ def _run_export(base, adapter, out, quants, force, threads, num_ctx):
 _options = [
     click.option("--quant", "quants", multiple=True, default=DEFAULT_QUANTS, show_default=True,
                  help="GGUF type to write; repeat for several (f32, f16, bf16, q8_0, q4_k_m, q5_k_m, q6_k, ...)"),
-    click.option("--force", is_flag=True, help="overwrite a non-empty output directory"),
+    click.option("--force", is_flag=True, help="replace the files an earlier export wrote to --out (model-<quant>.gguf, "
+                 "Modelfile, export_report.json); nothing else there is touched"),
     click.option("--threads", type=int, default=max(1, (os.cpu_count() or 2)), show_default=True),
     click.option("--num-ctx", type=int, default=4096, show_default=True, help="num_ctx in the Modelfile"),
 ]

@@ -85,43 +85,62 @@ def _tensor_type(name: str, shape: tuple[int, ...], wanted: gguf.GGMLQuantizatio
 _NUMPY = {gguf.GGMLQuantizationType.F32: np.float32, gguf.GGMLQuantizationType.F16: np.float16}
 
 
+F16_MAX = float(np.finfo(np.float16).max)
+CHUNK_ELEMENTS = 1 << 21  # rows are converted in slices of about 8 MiB of float32
+
+
 @dataclass(frozen=True)
 class _Planned:
-    shard: Path | None  # None: a tensor computed from the config
-    hf_name: str
+    hf_name: str  # in the checkpoint, or a tensor computed from the config (in `generated`)
     name: str
+    shape: tuple[int, ...]
     kind: gguf.GGMLQuantizationType
     heads: int | None  # permute Q/K rows with this many heads, or not at all
 
-
-_SAFETENSORS_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "F64": np.float64}
-
-
-def _safetensors_header(path: Path) -> tuple[dict, int]:
-    with path.open("rb") as f:
-        size = int.from_bytes(f.read(8), "little")
-        header = json.loads(f.read(size))
-    header.pop("__metadata__", None)
-    return header, 8 + size
+    @property
+    def nbytes(self) -> int:
+        if self.kind in _NUMPY:
+            return int(np.prod(self.shape)) * np.dtype(_NUMPY[self.kind]).itemsize
+        return int(np.prod(gguf.quant_shape_to_byte_shape(self.shape, self.kind)))
 
 
-def _read_tensor(path: Path, info: dict, data_start: int) -> np.ndarray:
-    """One tensor as float32 with plain reads: no mmap, so pages read earlier are not held in
-    this process's memory while the rest of the file streams through."""
-    if info["dtype"] not in _SAFETENSORS_DTYPES:
-        raise ConversionError(f"{path.name}: tensor dtype {info['dtype']} is not supported")
-    begin, end = info["data_offsets"]
-    raw = np.fromfile(path, dtype=_SAFETENSORS_DTYPES[info["dtype"]], count=(end - begin) // np.dtype(
-        _SAFETENSORS_DTYPES[info["dtype"]]).itemsize, offset=data_start + begin).reshape(info["shape"])
-    if info["dtype"] == "BF16":
-        return (raw.astype(np.uint32) << 16).view(np.float32)
-    return raw if raw.dtype == np.float32 else raw.astype(np.float32)
-
-
-def _encode(data: np.ndarray, kind: gguf.GGMLQuantizationType) -> np.ndarray:
+def _encode(data: np.ndarray, kind: gguf.GGMLQuantizationType, name: str) -> np.ndarray:
+    if kind == gguf.GGMLQuantizationType.F16:
+        peak = float(np.abs(data).max(initial=0.0))
+        if not peak <= F16_MAX:
+            raise F16RangeError(f"tensor {name} has values up to {peak:.4g}, beyond f16's range ({F16_MAX:.0f}); "
+                                f"write bf16 or f32 instead")
     if kind in _NUMPY:
         return data.astype(_NUMPY[kind])
     return gguf.quants.quantize(data, kind)  # bytes, uint8
+
+
+def _decode(encoded: np.ndarray, kind: gguf.GGMLQuantizationType) -> np.ndarray:
+    if kind in _NUMPY:
+        return encoded.astype(np.float32)
+    return gguf.quants.dequantize(encoded, kind)
+
+
+class F16RangeError(ConversionError):
+    """A tensor that f16 cannot hold (the export then takes bf16 for its intermediate)."""
+
+
+class _Stream:
+    """A tensor written slice by slice: gguf's writer calls tofile(f), as it does on an array."""
+
+    def __init__(self, nbytes: int, slices):
+        self.nbytes, self._slices = nbytes, slices
+
+    def tofile(self, f) -> None:
+        for piece in self._slices():
+            piece.tofile(f)
+
+
+def _row_step(shape: tuple[int, ...], heads: int | None) -> int:
+    """Rows per slice: about CHUNK_ELEMENTS values, whole heads where rows are permuted per head."""
+    row = int(np.prod(shape[1:])) if len(shape) > 1 else 1
+    unit = shape[0] // heads if heads else 1
+    return max(unit, CHUNK_ELEMENTS // row // unit * unit)
 
 
 def _token_types(tokenizer, vocab_size: int, normal=lambda token: gguf.TokenType.NORMAL):
@@ -147,7 +166,7 @@ def _merges(spec: dict) -> list[str]:
     return [m if isinstance(m, str) else " ".join(m) for m in spec["model"].get("merges", [])]
 
 
-def _write_byte_level_bpe(writer: gguf.GGUFWriter, tokenizer, spec: dict, vocab_size: int, model_dir: Path) -> None:
+def _write_byte_level_bpe(writer: gguf.GGUFWriter, tokenizer, spec: dict, vocab_size: int, dirs: list[Path]) -> None:
     tokens, types = _token_types(tokenizer, vocab_size)
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre(pre_tokenizer_name(spec))
@@ -169,7 +188,7 @@ def _adds_space_prefix(spec: dict) -> bool:
 
 
 def _write_sentencepiece_bpe(writer: gguf.GGUFWriter, tokenizer, spec: dict, vocab_size: int,
-                             model_dir: Path) -> None:
+                             dirs: list[Path]) -> None:
     """Llama-2/Mistral-style vocabularies (tokenizer.json's BPE with byte fallback) for llama.cpp's
     SentencePiece tokenizer, which merges the pair whose result scores highest. The scores are the
     SentencePiece model's own where tokenizer.model ships beside tokenizer.json (as llama.cpp's converter
@@ -182,15 +201,15 @@ def _write_sentencepiece_bpe(writer: gguf.GGUFWriter, tokenizer, spec: dict, voc
     writer.add_tokenizer_model("llama")
     writer.add_tokenizer_pre("default")
     writer.add_token_list(tokens)
-    writer.add_token_scores(_sentencepiece_scores(model_dir / "tokenizer.model", tokens)
-                            or _merge_scores(spec, tokens, types))
+    spm = next((d / "tokenizer.model" for d in dirs if (d / "tokenizer.model").is_file()), None)
+    writer.add_token_scores(_sentencepiece_scores(spm, tokens) or _merge_scores(spec, tokens, types))
     writer.add_token_types(types)
     writer.add_add_space_prefix(_adds_space_prefix(spec))
 
 
-def _sentencepiece_scores(path: Path, tokens: list[str]) -> list[float] | None:
+def _sentencepiece_scores(path: Path | None, tokens: list[str]) -> list[float] | None:
     """tokenizer.model's scores by id, or None without one (or one for another vocabulary)."""
-    if not path.is_file():
+    if path is None:
         return None
     from sentencepiece import SentencePieceProcessor
 
@@ -216,15 +235,18 @@ def _vocabulary_writer(spec: dict, where: Path):
                           f"SentencePiece-style BPE with byte fallback are)")
 
 
-def _write_tokenizer(writer: gguf.GGUFWriter, model_dir: Path, config: dict) -> None:
+def _write_tokenizer(writer: gguf.GGUFWriter, source, config: dict) -> None:
+    """The tokenizer the model was trained with (source.tokenizer_dir; a SentencePiece tokenizer.model
+    there or beside the base's weights)."""
     from transformers import AutoTokenizer
 
     vocab_size = config["vocab_size"]
-    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    tokenizer = AutoTokenizer.from_pretrained(str(source.tokenizer_dir))
     # The tokenizer HF actually runs: transformers 5 may replace tokenizer.json's pre-tokenizer
     # with the model family's own (Qwen2 does), and llama.cpp must reproduce what HF does.
     spec = json.loads(tokenizer.backend_tokenizer.to_str())
-    _vocabulary_writer(spec, model_dir)(writer, tokenizer, spec, vocab_size, model_dir)
+    _vocabulary_writer(spec, source.tokenizer_dir)(writer, tokenizer, spec, vocab_size,
+                                                   [source.tokenizer_dir, source.directory])
     # A tokenizer without a BOS of its own (Qwen2) still has the model's in config.json: without it
     # llama.cpp would take token 11 as BOS. Whether BOS is added is written separately.
     bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else config.get("bos_token_id")
@@ -243,44 +265,52 @@ def _write_tokenizer(writer: gguf.GGUFWriter, model_dir: Path, config: dict) -> 
         writer.add_chat_template(tokenizer.chat_template)
 
 
-def convert(model_dir: str | Path, out_path: str | Path, out_type: str = "f16", *, permute_qk: bool | None = None,
-            progress: bool = False) -> Path:
-    """Write model_dir as a GGUF of out_type (f32, f16, bf16, q8_0). permute_qk overrides the
-    architecture's table entry (tests use it to show that skipping the permute is caught)."""
-    model_dir, out_path = Path(model_dir), Path(out_path)
-    config = json.loads((model_dir / "config.json").read_text())
+def convert(source, out_path: str | Path, out_type: str = "f16", *, permute_qk: bool | None = None,
+            progress: bool = False, errors: dict | None = None) -> Path:
+    """Write a model as a GGUF of out_type (f32, f16, bf16, q8_0). `source` is a model directory or a
+    checkpoint object (serve.checkpoint.Checkpoint, serve.merge.Merged). permute_qk overrides the
+    architecture's table entry (tests use it to show that skipping the permute is caught). `errors`,
+    if given, receives per tensor {gguf name: [squared error of the written values, squared values]}."""
+    if not hasattr(source, "rows"):
+        from serve.checkpoint import Checkpoint, CheckpointError
+
+        try:
+            source = Checkpoint(source)
+        except CheckpointError as err:
+            raise ConversionError(str(err)) from None
+    out_path = Path(out_path)
+    config = source.config
     arch_name = (config.get("architectures") or ["?"])[0]
     architectures = get_architectures()
     if arch_name not in architectures:
-        raise ConversionError(f"{model_dir}: architecture {arch_name} is not supported; supported: "
+        raise ConversionError(f"{source.directory}: architecture {arch_name} is not supported; supported: "
                               f"{', '.join(architectures)}. Add one with the register_architectures hook "
                               f"(serve/architectures.py shows how)")
     if out_type not in OUT_TYPES:
         raise ConversionError(f"unknown output type {out_type!r}; choose from {', '.join(OUT_TYPES)}")
     with atomic_path(out_path) as tmp:
-        _write(tmp, architectures[arch_name], config, model_dir, out_type, permute_qk, progress)
+        _write(tmp, architectures[arch_name], source, out_type, permute_qk, progress, errors)
     return out_path
 
 
-def _write(tmp: Path, arch, config: dict, model_dir: Path, out_type: str, permute_qk: bool | None, progress: bool):
-    tensor_type, file_type = OUT_TYPES[out_type]
-    n_layers, n_heads = config["num_hidden_layers"], config["num_attention_heads"]
-    n_kv = config.get("num_key_value_heads") or n_heads
+def _write_metadata(writer: gguf.GGUFWriter, arch, source, file_type) -> dict[str, np.ndarray]:
+    """Hyperparameters, RoPE and tokenizer; returns the tensors computed from the config."""
+    config = source.config
+    n_heads = config["num_attention_heads"]
     hidden = config["hidden_size"]
     head_dim = config.get("head_dim") or hidden // n_heads
-    writer = gguf.GGUFWriter(str(tmp), gguf.MODEL_ARCH_NAMES[arch.gguf_arch])
     writer.add_context_length(config.get("max_position_embeddings", 2048))
     writer.add_embedding_length(hidden)
-    writer.add_block_count(n_layers)
+    writer.add_block_count(config["num_hidden_layers"])
     writer.add_feed_forward_length(config["intermediate_size"])
     writer.add_head_count(n_heads)
-    writer.add_head_count_kv(n_kv)
+    writer.add_head_count_kv(config.get("num_key_value_heads") or n_heads)
     # Always, as llama.cpp's converter does: where head_dim is not hidden / heads (Mistral-Nemo, Qwen3),
     # llama.cpp's own default is wrong and it refuses the file.
     writer.add_key_length(head_dim)
     writer.add_value_length(head_dim)
     try:
-        generated = write_rope(writer, config, head_dim, model_dir)
+        generated = write_rope(writer, config, head_dim, source.directory)
     except RopeError as err:
         raise ConversionError(str(err)) from None
     writer.add_layer_norm_rms_eps(float(config.get("rms_norm_eps", 1e-6)))
@@ -291,50 +321,76 @@ def _write(tmp: Path, arch, config: dict, model_dir: Path, out_type: str, permut
         try:
             arch.add_metadata(writer, config)
         except UnsupportedConfig as err:
-            raise ConversionError(f"{model_dir / 'config.json'}: {err}") from None
-    _write_tokenizer(writer, model_dir, config)
+            raise ConversionError(f"{source.directory / 'config.json'}: {err}") from None
+    _write_tokenizer(writer, source, config)
+    return generated
 
-    # Pass 1: names, types and sizes from the shapes alone; pass 2 converts and writes one
-    # tensor at a time, so no more than one tensor is ever held in memory.
-    names = gguf.get_tensor_name_map(arch.gguf_arch, n_layers)
+
+def _plan(arch, source, tensor_type, permute_qk: bool | None, generated: dict) -> list[_Planned]:
+    """Names, types and shapes from the shapes alone, before any data is read."""
+    config = source.config
+    n_heads = config["num_attention_heads"]
+    n_kv = config.get("num_key_value_heads") or n_heads
+    names = gguf.get_tensor_name_map(arch.gguf_arch, config["num_hidden_layers"])
     permute = arch.permute_qk if permute_qk is None else permute_qk
-    plan, headers = [], {}
-    for shard in sorted(model_dir.glob("*.safetensors")):
-        headers[shard] = _safetensors_header(shard)
-        for hf_name, info in headers[shard][0].items():
-            name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
-            if name is None:
-                raise ConversionError(f"{shard.name}: no GGUF name for tensor {hf_name}")
-            shape = tuple(info["shape"])
-            kind = _tensor_type(name, shape, tensor_type)
-            heads = None
-            if permute and hf_name.endswith(("q_proj.weight", "q_proj.bias")):
-                heads = n_heads
-            elif permute and hf_name.endswith(("k_proj.weight", "k_proj.bias")):
-                heads = n_kv
-            plan.append(_Planned(shard, hf_name, name, kind, heads))
-            if kind in _NUMPY:
-                writer.add_tensor_info(name, shape, np.dtype(_NUMPY[kind]),
-                                       int(np.prod(shape)) * np.dtype(_NUMPY[kind]).itemsize)
-            else:
-                byte_shape = gguf.quant_shape_to_byte_shape(shape, kind)
-                writer.add_tensor_info(name, byte_shape, np.dtype(np.uint8), int(np.prod(byte_shape)), raw_dtype=kind)
-    for name, data in generated.items():  # computed from the config (Llama 3's RoPE factors): kept exact
-        plan.append(_Planned(None, name, name, gguf.GGMLQuantizationType.F32, None))
-        writer.add_tensor_info(name, data.shape, np.dtype(np.float32), data.nbytes)
+    plan = []
+    for hf_name in source.names():
+        name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+        if name is None:
+            raise ConversionError(f"{source.directory}: no GGUF name for tensor {hf_name}")
+        shape = tuple(source.shape(hf_name))
+        heads = None
+        if permute and hf_name.endswith(("q_proj.weight", "q_proj.bias")):
+            heads = n_heads
+        elif permute and hf_name.endswith(("k_proj.weight", "k_proj.bias")):
+            heads = n_kv
+        plan.append(_Planned(hf_name, name, shape, _tensor_type(name, shape, tensor_type), heads))
+    # computed from the config (Llama 3's RoPE factors): kept exact
+    plan += [_Planned(name, name, data.shape, gguf.GGMLQuantizationType.F32, None) for name, data in generated.items()]
+    return plan
+
+
+def _write(tmp: Path, arch, source, out_type: str, permute_qk: bool | None, progress: bool, errors: dict | None):
+    tensor_type, file_type = OUT_TYPES[out_type]
+    writer = gguf.GGUFWriter(str(tmp), gguf.MODEL_ARCH_NAMES[arch.gguf_arch])
+    generated = _write_metadata(writer, arch, source, file_type)
+    plan = _plan(arch, source, tensor_type, permute_qk, generated)
+    for item in plan:
+        if item.kind in _NUMPY:
+            writer.add_tensor_info(item.name, item.shape, np.dtype(_NUMPY[item.kind]), item.nbytes)
+        else:
+            writer.add_tensor_info(item.name, gguf.quant_shape_to_byte_shape(item.shape, item.kind),
+                                   np.dtype(np.uint8), item.nbytes, raw_dtype=item.kind)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_ti_data_to_file()
-    for item in tqdm(plan, desc=f"convert {out_type}", unit="tensor", disable=not progress):
-        if item.shard is None:
-            writer.write_tensor_data(generated[item.name])
-            continue
-        header, data_start = headers[item.shard]
-        data = _read_tensor(item.shard, header[item.hf_name], data_start)
+    with tqdm(total=sum(i.nbytes for i in plan), desc=f"convert {out_type}", unit="B", unit_scale=True,
+              disable=not progress) as bar:
+        for item in plan:
+            writer.write_tensor_data(_Stream(item.nbytes, lambda item=item: _slices(item, arch, source, generated,
+                                                                                    errors, bar)))
+    writer.close()
+
+
+def _slices(item: _Planned, arch, source, generated: dict, errors: dict | None, bar):
+    """The tensor's encoded bytes, slice by slice (whole heads where Q/K rows are permuted)."""
+    if item.hf_name in generated:
+        yield generated[item.hf_name]
+        bar.update(item.nbytes)
+        return
+    rows = item.shape[0] if item.shape else 1
+    step = _row_step(item.shape, item.heads)
+    for start in range(0, rows, step):
+        data = source.rows(item.hf_name, start, start + step)
         if item.heads:
-            data = permute_for_llama(data, item.heads)
+            data = permute_for_llama(data, data.shape[0] // (item.shape[0] // item.heads))
         if arch.transform:
             data = arch.transform(item.name, data)
-        writer.write_tensor_data(_encode(data, item.kind))
-        del data
-    writer.close()
+        encoded = _encode(data, item.kind, item.name)
+        if errors is not None:
+            total = errors.setdefault(item.name, [0.0, 0.0])
+            diff = (_decode(encoded, item.kind) - data).ravel()
+            total[0] += float(np.dot(diff, diff))
+            total[1] += float(np.dot(data.ravel(), data.ravel()))
+        yield encoded
+        bar.update(encoded.nbytes)

@@ -1,166 +1,151 @@
-"""adapter -> merged model -> GGUF -> quantized GGUFs + Modelfile + export_report.json.
+"""adapter -> GGUF files (+ K-quants) + Modelfile + export_report.json, in bounded memory and disk.
 
-One intermediate f32 GGUF feeds every llama.cpp quantization; f32/f16/bf16/q8_0 are written
-directly from the merged weights. The report checks that each GGUF behaves like the merged HF
-model: identical tokenization of sample texts, and next-token log-prob agreement.
+The adapter is merged into the base a tensor slice at a time while the GGUF is written
+(serve.merge): no merged checkpoint is ever saved or held in memory. f32/f16/bf16/q8_0 are written
+directly; K-quants come from llama.cpp's quantizer reading an f16 (or bf16) GGUF: the one asked for,
+or a temporary one beside the outputs. serve.parity checks the files against the merged weights.
+
+The output directory is shared with whatever else is there: only the files this command writes
+(model-<quant>.gguf for each --quant, Modelfile, export_report.json) are created or, with --force,
+replaced; each is written under a temporary name first.
 """
 
 from __future__ import annotations
 
+import contextlib
 import shutil
-import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
+from tqdm import tqdm
 
-from orpo_plugin.core.atomic import write_json
-from orpo_plugin.core.logprobs import log_softmax
-from serve.convert import OUT_TYPES, convert
-from serve.merge import merge_adapter
+from orpo_plugin.core.atomic import remove_stale, scratch_path, write_json
+from serve import memory, parity
+from serve.checkpoint import CheckpointError, model_directory, parameters
+from serve.convert import OUT_TYPES, F16RangeError, convert
+from serve.merge import merged
 from serve.modelfile import write_modelfile
 from serve.quantize import QUANT_TYPES, quantize
 
-SAMPLE_MESSAGES = [
-    [{"role": "user", "content": "What is 12 + 30?"}],
-    [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "Name a prime number above 10."}],
-]
-SAMPLE_TEXTS = ["Plain text: digits 2024, punctuation!? and ünïcödé.", "  leading spaces\nand a newline"]
 PREFERRED_FOR_MODELFILE = ("q4_k_m", "q5_k_m", "q8_0", "f16")
+OWN_FILES = ("Modelfile", "export_report.json")
+INTERMEDIATE = ".intermediate.gguf"
+# Bits per weight of each type on Llama-class models (llama.cpp's own figures, rounded up), for the
+# disk space check.
+BITS = {"f32": 32, "f16": 16, "bf16": 16, "q8_0": 8.5, "q6_k": 6.6, "q5_k_m": 5.7, "q5_k_s": 5.6, "q5_1": 6.0,
+        "q5_0": 5.5, "q4_k_m": 4.9, "q4_k_s": 4.6, "q4_1": 5.0, "q4_0": 4.5, "q3_k_l": 4.3, "q3_k_m": 4.0,
+        "q3_k_s": 3.5, "q2_k": 3.4}
+GiB = 1 << 30
 
 
 class ExportError(ValueError):
     pass
 
 
-def check_request(out_dir: Path, quants: list[str], force: bool) -> list[str]:
+def target(out_dir: Path, quant: str) -> Path:
+    return out_dir / f"model-{quant}.gguf"
+
+
+def check_request(out_dir: Path, quants: list[str], force: bool, base=None, adapter=None) -> list[str]:
     quants = list(dict.fromkeys(q.lower() for q in quants))
     unknown = [q for q in quants if q not in OUT_TYPES and q not in QUANT_TYPES]
     if unknown or not quants:
         raise ExportError(f"unknown quantization {', '.join(unknown) or '(none)'}; choose from "
                           f"{', '.join(sorted(set(OUT_TYPES) | set(QUANT_TYPES)))}")
-    if out_dir.exists() and any(out_dir.iterdir()) and not force:
-        raise ExportError(f"{out_dir} already exists and is not empty; pass --force to overwrite it")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ExportError(f"--out {out_dir} is a file; pass a directory")
+    for what, directory in (("adapter", adapter), ("base model", base)):
+        if directory and Path(directory).is_dir() and out_dir.resolve() == Path(directory).resolve():
+            raise ExportError(f"--out {out_dir} is the {what} directory; write the export beside it, e.g. "
+                              f"--out {Path(directory) / 'gguf'}")
+    existing = [p.name for p in [target(out_dir, q) for q in quants] + [out_dir / n for n in OWN_FILES] if p.exists()]
+    if existing and not force:
+        raise ExportError(f"{out_dir} already has {', '.join(existing)} from an earlier export; pass --force to "
+                          f"replace them (nothing else in {out_dir} is touched)")
     return quants
 
 
-def _sample_texts(tokenizer) -> list[str]:
-    """Chat renderings the model's template accepts (Mistral v0.1's refuses a system turn), and
-    plain texts."""
-    from jinja2 import TemplateError
-
-    chats = []
-    for messages in SAMPLE_MESSAGES if tokenizer.chat_template else []:
-        try:
-            chats.append(tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
-        except TemplateError:
-            continue
-    return chats + SAMPLE_TEXTS
+def _estimate(params: int, quant: str) -> int:
+    return int(params * BITS[quant] / 8 * 1.05) + (16 << 20)
 
 
-LONG_TOKENS = 1536  # past the original context of a scaled RoPE in the tests, within every model's
-WINDOW = 128
-# Mean next-token KL a GGUF of this type may show over the long sequence. A GGUF that computes
-# something else than the model is orders of magnitude above (Llama 3's RoPE scaling left out:
-# 0.05 for f32, growing with position). K-quants are reported, not judged: their error depends on
-# the model.
-LONG_KL_BOUND = {"f32": 1e-4, "f16": 1e-3, "bf16": 1e-3, "q8_0": 2e-2}
+def check_disk(out_dir: Path, params: int, quants: list[str], intermediate: bool) -> None:
+    """One line saying how much is needed, before anything is written."""
+    need = {target(out_dir, q).name: _estimate(params, q) for q in quants}
+    if intermediate:
+        need["temporary f16 GGUF"] = _estimate(params, "f16")
+    free = shutil.disk_usage(out_dir).free
+    if sum(need.values()) > free:
+        parts = ", ".join(f"{name} {size / GiB:.1f} GiB" for name, size in need.items())
+        raise ExportError(f"not enough disk space in {out_dir}: the export needs about {sum(need.values()) / GiB:.1f} "
+                          f"GiB ({parts}) and {free / GiB:.1f} GiB is free; free some space or pick another --out")
 
 
-def _long_ids(tokenizer, config_context: int) -> list[int]:
-    """A deterministic sequence of ordinary tokens, as long as the model allows up to LONG_TOKENS."""
-    special = set(tokenizer.all_special_ids)
-    ordinary = [i for i in range(len(tokenizer)) if i not in special]
-    n = min(LONG_TOKENS, config_context)
-    return [ordinary[i] for i in np.random.default_rng(0).integers(0, len(ordinary), n)]
+class Stages:
+    """Wall time and peak memory of each stage, for the final table and the report."""
 
+    def __init__(self, progress):
+        self.progress, self.rows = progress, []
 
-def _long_check(kl: np.ndarray, quant: str) -> dict:
-    """Mean KL over the sequence and per WINDOW positions (the worst window and the first)."""
-    means = [float(kl[i:i + WINDOW].mean()) for i in range(0, len(kl), WINDOW)]
-    worst = int(np.argmax(means))
-    bound = LONG_KL_BOUND.get(quant)
-    return {"tokens": len(kl), "mean_kl": float(kl.mean()), "bound": bound, "first_window_kl": means[0],
-            "worst_window": [worst * WINDOW, min(len(kl), (worst + 1) * WINDOW)], "worst_window_kl": means[worst],
-            "ok": bound is None or float(kl.mean()) <= bound}
-
-
-def parity(model_dir: Path, tokenizer, gguf_paths: dict[str, Path], threads: int) -> dict:
-    """Tokenization and next-token log-probs of each GGUF against the merged HF model."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    from serve.llama import KVCache, opened
-
-    hf = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
-    texts = _sample_texts(tokenizer)
-    encoded = [tokenizer(t, add_special_tokens=True)["input_ids"] for t in texts]
-    long_ids = _long_ids(tokenizer, hf.config.max_position_embeddings)
-    with torch.no_grad():
-        reference = [log_softmax(hf(torch.tensor([ids])).logits[0].double()).numpy() for ids in encoded]
-        long_reference = log_softmax(hf(torch.tensor([long_ids])).logits[0].double()).numpy()
-    del hf
-    report = {"texts": len(texts), "models": {}}
-    for name, path in gguf_paths.items():
-        with opened(path, n_ctx=max(512, len(long_ids)), threads=threads) as llm:
-            cache, same_tokens, max_abs, kls = KVCache(llm), True, 0.0, []
-            for text, ids, ref in zip(texts, encoded, reference):
-                same_tokens &= llm.tokenize(text.encode(), add_bos=True, special=True) == ids
-                cache.clear()
-                ours = log_softmax(cache.decode(ids, every_row=True).astype(np.float64))
-                max_abs = max(max_abs, float(np.abs(ours - ref).max()))
-                kls.append(float((np.exp(ref) * (ref - ours)).sum(-1).mean()))
-            cache.clear()
-            ours = log_softmax(cache.decode(long_ids, every_row=True).astype(np.float64))
-        long = _long_check((np.exp(long_reference) * (long_reference - ours)).sum(-1), name)
-        report["models"][name] = {"tokens_identical": bool(same_tokens), "max_abs_logprob_diff": max_abs,
-                                  "mean_kl": float(np.mean(kls)), "long": long,
-                                  "ok": bool(same_tokens) and long["ok"]}
-    return report
+    @contextlib.contextmanager
+    def __call__(self, name: str):
+        """Yields a dict; a stage whose work runs in a child process puts the child's peak in it."""
+        self.progress(name)
+        memory.reset_peak()
+        start, child = time.perf_counter(), {}
+        yield child
+        self.rows.append({"stage": name, "seconds": round(time.perf_counter() - start, 2),
+                          "peak_rss_mib": round(max(memory.peak_rss(), child.get("peak_rss", 0)) / 2**20)})
 
 
 def export(base: str | Path, adapter: str | Path | None, out_dir: str | Path, quants: list[str],
            force: bool = False, threads: int = 2, num_ctx: int = 4096, progress=print) -> dict:
     out_dir = Path(out_dir)
-    quants = check_request(out_dir, quants, force)
-    if out_dir.exists() and force:
-        shutil.rmtree(out_dir)
+    quants = check_request(out_dir, quants, force, base, adapter)
+    try:
+        source = merged(model_directory(base), adapter)
+    except CheckpointError as err:
+        raise ExportError(str(err)) from None
+    direct = [q for q in quants if q in OUT_TYPES]
+    kquants = [q for q in quants if q not in OUT_TYPES]
+    reference = next((q for q in ("f16", "bf16") if q in direct), None)
     out_dir.mkdir(parents=True, exist_ok=True)
-    times, files = {}, {}
-    with tempfile.TemporaryDirectory(dir=out_dir, prefix=".work-") as work:
-        work = Path(work)
-        start = time.perf_counter()
-        if adapter:
-            progress(f"merge: {adapter} into {base}")
-            model_dir = merge_adapter(base, adapter, work / "merged")
-        else:
-            model_dir = Path(base)
-        times["merge_s"] = time.perf_counter() - start
-        intermediate = None
-        for quant in quants:
-            start = time.perf_counter()
-            target = out_dir / f"model-{quant}.gguf"
-            progress(f"write {target.name}")
-            if quant in OUT_TYPES:
-                convert(model_dir, target, quant, progress=True)
-            else:
-                if intermediate is None:
-                    intermediate = convert(model_dir, work / "model-f32.gguf", "f32", progress=True)
-                quantize(intermediate, target, quant, threads=threads, progress=True)
-            files[quant] = target
-            times[f"{quant}_s"] = time.perf_counter() - start
-        progress("check: tokenization and log-probs against the merged model")
-        start = time.perf_counter()
+    names = [target(out_dir, q).name for q in quants] + list(OWN_FILES) + [INTERMEDIATE]
+    for path in remove_stale(out_dir, names):
+        progress(f"removed {path.name}, left by an export that was killed")
+    check_disk(out_dir, parameters(source), quants, bool(kquants) and reference is None)
+
+    stages, files, tensors = Stages(progress), {}, {}
+    with contextlib.ExitStack() as scratch:
+        for quant in direct:
+            errors = {}
+            with stages(f"write {target(out_dir, quant).name}"):
+                files[quant] = convert(source, target(out_dir, quant), quant, progress=True, errors=errors)
+            tensors[quant] = parity.tensor_summary(errors, quant, "merged weights")
+        if kquants:
+            source_file = files.get(reference)
+            if source_file is None:
+                source_file, reference = _intermediate(source, scratch.enter_context(scratch_path(out_dir, INTERMEDIATE)),
+                                                       stages, tensors)
+            for quant in kquants:
+                with stages(f"quantize {target(out_dir, quant).name} (from {reference})") as child:
+                    files[quant] = quantize(source_file, target(out_dir, quant), quant, threads=threads, progress=True,
+                                            stats=child)
+            with stages(f"check K-quant tensors against the {reference} file"):
+                for quant in kquants:
+                    with tqdm(desc=f"check {quant}", unit="tensor") as bar:
+                        errors = parity.compare_files(files[quant], source_file, bar)
+                    tensors[quant] = parity.tensor_summary(
+                        errors, quant, f"{reference} GGUF, 1 in {parity.SAMPLE_EVERY} row slices")
         from transformers import AutoTokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-        report = parity(model_dir, tokenizer, files, threads)
-        times["parity_s"] = time.perf_counter() - start
+        tokenizer = AutoTokenizer.from_pretrained(str(source.tokenizer_dir))
+        report = _check(source, tokenizer, files, tensors, threads, stages)
         chosen = next((q for q in PREFERRED_FOR_MODELFILE if q in files), quants[0])
         write_modelfile(out_dir, files[chosen].name, tokenizer.chat_template, num_ctx, tokenizer.eos_token or "</s>",
                         tokenizer.bos_token)
     report.update({
-        "base": str(base), "adapter": str(adapter) if adapter else None, "times": times,
+        "base": str(base), "adapter": str(adapter) if adapter else None, "stages": stages.rows,
         "files": {q: {"path": p.name, "bytes": p.stat().st_size} for q, p in files.items()},
         "modelfile": {"from": files[chosen].name},
     })
@@ -169,16 +154,58 @@ def export(base: str | Path, adapter: str | Path | None, out_dir: str | Path, qu
     return report
 
 
+def _intermediate(source, path: Path, stages, tensors: dict) -> tuple[Path, str]:
+    """The f16 GGUF the K-quants are made from (bf16 where a tensor exceeds f16's range)."""
+    for kind in ("f16", "bf16"):
+        errors = {}
+        try:
+            with stages(f"write a temporary {kind} GGUF for llama.cpp's quantizer"):
+                convert(source, path, kind, progress=True, errors=errors)
+        except F16RangeError:
+            continue
+        tensors[f"{kind} (temporary)"] = parity.tensor_summary(errors, kind, "merged weights")
+        return path, kind
+    raise AssertionError("bf16 holds every float32")
+
+
+def _check(source, tokenizer, files: dict[str, Path], tensors: dict, threads: int, stages) -> dict:
+    texts = parity.sample_texts(tokenizer)
+    report = {"texts": len(texts), "tensors": tensors, "models": {}}
+    fits, size = parity.logits_fit(source)
+    with stages("check tokens" + (" and logits against the merged model" if fits else "")):
+        found = parity.logits(source, tokenizer, texts, files, threads) if fits else {}
+        for quant, path in files.items():
+            model = {"tokens_identical": parity.same_tokens(path, tokenizer, texts), "tensors_ok": tensors[quant]["ok"]}
+            if quant in found:
+                model.update(found[quant], ok=model["tokens_identical"] and found[quant]["long"]["ok"]
+                             and model["tensors_ok"])
+            else:
+                model["ok"] = model["tokens_identical"] and model["tensors_ok"]
+            report["models"][quant] = model
+    report["logits"] = ({"checked": True} if fits else {
+        "checked": False, "why": f"the merged model is {size / GiB:.1f} GiB in fp32; the end-to-end logits check "
+                                 f"builds it in memory and runs up to {parity.LOGITS_LIMIT / GiB:.0f} GiB"})
+    return report
+
+
 def report_table(report: dict) -> str:
-    rows = ["| file | MiB | tokens identical | max abs log-prob diff | mean KL | long sequence: worst window KL |",
+    rows = ["| file | MiB | tokens identical | worst tensor rel. RMS error | mean KL | long sequence: worst window KL |",
             "|---|---|---|---|---|---|"]
     for quant, f in report["files"].items():
-        m = report["models"][quant]
-        long = m["long"]
-        a, b = long["worst_window"]
-        rows.append(f"| {f['path']} | {f['bytes'] / 2**20:.1f} | {m['tokens_identical']} | "
-                    f"{m['max_abs_logprob_diff']:.4f} | {m['mean_kl']:.2e} | {long['worst_window_kl']:.2e} at "
-                    f"{a}-{b} (first {WINDOW}: {long['first_window_kl']:.2e}) |")
+        m, t = report["models"][quant], report["tensors"][quant]
+        kl = long = "not checked"
+        if "long" in m:
+            a, b = m["long"]["worst_window"]
+            kl = f"{m['mean_kl']:.2e}"
+            long = f"{m['long']['worst_window_kl']:.2e} at {a}-{b} (first {parity.WINDOW}: {m['long']['first_window_kl']:.2e})"
+        rows.append(f"| {f['path']} | {f['bytes'] / 2**20:.1f} | {m['tokens_identical']} | {t['worst_rel_rms']:.2e} "
+                    f"({t['worst']}, vs {t['reference']}) | {kl} | {long} |")
+    return "\n".join(rows)
+
+
+def stage_table(report: dict) -> str:
+    rows = ["| stage | seconds | peak RSS MiB |", "|---|---|---|"]
+    rows += [f"| {s['stage']} | {s['seconds']:.1f} | {s['peak_rss_mib']} |" for s in report["stages"]]
     return "\n".join(rows)
 
 
@@ -186,13 +213,17 @@ def failures(report: dict) -> list[str]:
     """One line per GGUF that does not behave like the merged model."""
     out = []
     for quant, m in report["models"].items():
+        path, t = report["files"][quant]["path"], report["tensors"][quant]
         if not m["tokens_identical"]:
-            out.append(f"{report['files'][quant]['path']}: llama.cpp tokenizes the sample texts differently from "
-                       f"the model's tokenizer")
-        if not m["long"]["ok"]:
+            out.append(f"{path}: llama.cpp tokenizes the sample texts differently from the model's tokenizer")
+        if not t["ok"]:
+            out.append(f"{path}: tensor {t['worst']} differs from the merged weights by {t['worst_rel_rms']:.2e} "
+                       f"(relative RMS), above {t['bound']:.0e} for {quant}")
+        if "long" in m and not m["long"]["ok"]:
             a, b = m["long"]["worst_window"]
-            out.append(f"{report['files'][quant]['path']}: mean next-token KL {m['long']['mean_kl']:.2e} over a "
+            out.append(f"{path}: mean next-token KL {m['long']['mean_kl']:.2e} over a "
                        f"{m['long']['tokens']}-token sequence, above {m['long']['bound']:.0e} for {quant} (worst at "
                        f"positions {a}-{b}: {m['long']['worst_window_kl']:.2e}); the GGUF does not compute what the "
                        f"model does there: check its RoPE scaling and attention settings")
     return out
+

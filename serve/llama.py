@@ -125,6 +125,38 @@ def opened(path: str | Path, n_ctx: int = 4096, threads: int | None = None, **ex
         llm.close()
 
 
+@contextlib.contextmanager
+def vocabulary(path: str | Path):
+    """Yields tokenize(text: bytes, add_bos, special) -> ids over a GGUF's vocabulary alone: no
+    weights, no context (a context over a vocabulary-only model makes llama.cpp warn about a
+    training context of 0)."""
+    import llama_cpp._logger
+
+    check_version()
+    check_gguf(path)
+    llama_cpp._logger.set_verbose(False)
+    params = llama_cpp.llama_model_default_params()
+    params.vocab_only = True
+    model = llama_cpp.llama_model_load_from_file(str(path).encode(), params)
+    if not model:
+        raise GGUFError(f"{path}: llama.cpp could not read its vocabulary")
+    vocab = llama_cpp.llama_model_get_vocab(model)
+
+    def tokenize(text: bytes, add_bos: bool, special: bool) -> list[int]:
+        size = len(text) + 8
+        while True:
+            ids = (llama_cpp.llama_token * size)()
+            n = llama_cpp.llama_tokenize(vocab, text, len(text), ids, size, add_bos, special)
+            if n >= 0:
+                return list(ids[:n])
+            size = -n  # too small: llama.cpp says how many it needs
+
+    try:
+        yield tokenize
+    finally:
+        llama_cpp.llama_model_free(model)
+
+
 class KVCache:
     """Decoding on a Llama's KV cache (sequence 0) with llama-cpp-python's view of it kept true:
     after every call, `n_tokens` and `input_ids[:n_tokens]` describe exactly the cached positions,

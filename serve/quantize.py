@@ -1,9 +1,18 @@
 """K-quants (and the other llama.cpp file types) through llama.cpp's own quantizer, via the
-ctypes API of llama-cpp-python: one intermediate GGUF in, one quantized GGUF out."""
+ctypes API of llama-cpp-python: one intermediate GGUF in, one quantized GGUF out.
+
+The quantizer runs in a child process: its memory (it widens the tensor it works on to f32) is not
+added to what the caller has loaded, and Ctrl-C or SIGTERM stop it at once instead of after the
+minutes-long C call returns."""
 
 from __future__ import annotations
 
 import ctypes
+import json
+import os
+import subprocess
+import sys
+import tempfile
 import threading
 from contextlib import contextmanager
 from pathlib import Path
@@ -13,6 +22,7 @@ from tqdm import tqdm
 
 from orpo_plugin.core.atomic import atomic_path
 from serve.llama import default_threads
+from serve.memory import peak_rss
 
 # Names users pass (--quant) -> llama.cpp file types. The i-quants (iq*) need an importance
 # matrix and are not offered. f16/bf16/q8_0 are also written directly by serve.convert.
@@ -50,18 +60,47 @@ def _bytes_written(path: Path, desc: str, enabled: bool):
             thread.join()
 
 
-def quantize(src: str | Path, dst: str | Path, quant: str, threads: int | None = None, progress: bool = False) -> Path:
+def quantize(src: str | Path, dst: str | Path, quant: str, threads: int | None = None, progress: bool = False,
+             stats: dict | None = None) -> Path:
     """Quantize src (a GGUF of f32/f16/bf16 weights) to dst as `quant` (e.g. q4_k_m, q6_k).
-    Written under a temporary name and renamed: no truncated file under the final name."""
+    Written under a temporary name and renamed: no truncated file under the final name. `stats`,
+    if given, receives the quantizer's peak resident set in bytes ("peak_rss")."""
     quant = quant.lower()
     if quant not in QUANT_TYPES:
         raise QuantizeError(f"unknown quantization {quant!r}; choose from {', '.join(sorted(QUANT_TYPES))}")
     src, dst = Path(src), Path(dst)
+    command = [sys.executable, "-m", "serve.quantize", str(src), "", quant, str(threads or default_threads())]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    with atomic_path(dst) as tmp, _bytes_written(tmp, f"quantize {quant}", progress), tempfile.TemporaryFile() as log:
+        command[4] = str(tmp)
+        proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=log)
+        try:
+            out, _ = proc.communicate()
+        except BaseException:  # Ctrl-C, SIGTERM: stop the quantizer before its file is removed
+            proc.kill()
+            proc.wait()
+            raise
+        if proc.returncode != 0:
+            log.seek(0)
+            why = log.read().decode(errors="replace").strip().splitlines()[-1:] or [f"exit status {proc.returncode}"]
+            raise QuantizeError(f"llama.cpp could not quantize {src} to {quant}: {why[0]}")
+    if stats is not None:
+        stats.update(json.loads(out.decode().strip().splitlines()[-1]))
+    return dst
+
+
+def _main(src: str, dst: str, quant: str, threads: str) -> int:
+    """The child: llama_model_quantize, then its peak memory as JSON on stdout."""
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = QUANT_TYPES[quant]
-    params.nthread = threads or default_threads()
-    with atomic_path(dst) as tmp, _bytes_written(tmp, f"quantize {quant}", progress):
-        status = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), ctypes.byref(params))
-        if status != 0:
-            raise QuantizeError(f"llama.cpp could not quantize {src} to {quant} (status {status})")
-    return dst
+    params.nthread = int(threads)
+    status = llama_cpp.llama_model_quantize(src.encode(), dst.encode(), ctypes.byref(params))
+    if status != 0:
+        print(f"llama_model_quantize returned {status}", file=sys.stderr)
+        return 1
+    print(json.dumps({"peak_rss": peak_rss()}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_main(*sys.argv[1:]))

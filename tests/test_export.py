@@ -57,12 +57,14 @@ def test_orpo_merge_and_quantize_and_its_refusals(model_dirs, adapter, tmp_path)
     done = _orpo(*args, "--quant", "q8_0")
     assert done.returncode == 0, done.stderr[-3000:]
     assert sorted(p.name for p in out.iterdir()) == ["Modelfile", "export_report.json", "model-q8_0.gguf"]
+    assert "| stage | seconds | peak RSS MiB |" in done.stdout and "| write model-q8_0.gguf |" in done.stdout
 
     again = _orpo(*args, "--quant", "q8_0")
-    assert again.returncode == 1 and "already exists" in again.stderr and "--force" in again.stderr
-    assert "Traceback" not in again.stderr
+    assert again.returncode == 1 and "Traceback" not in again.stderr
+    assert f"{out} already has model-q8_0.gguf, Modelfile, export_report.json from an earlier export; pass --force " \
+        f"to replace them (nothing else in {out} is touched)" in again.stderr
     assert _orpo(*args, "--quant", "f16", "--force").returncode == 0
-    assert (out / "model-f16.gguf").exists() and not (out / "model-q8_0.gguf").exists()
+    assert (out / "model-f16.gguf").exists() and (out / "model-q8_0.gguf").exists()  # not asked for: kept
 
     for extra, message in ((["--quant", "q4_k_xl"], "unknown quantization q4_k_xl; choose from"),):
         bad = _orpo(*args, *extra, "--force")
@@ -71,6 +73,117 @@ def test_orpo_merge_and_quantize_and_its_refusals(model_dirs, adapter, tmp_path)
     missing = _orpo("merge-and-quantize", "--base", model_dirs["qwen2"], "--adapter", tmp_path / "no-adapter",
                     "--out", tmp_path / "x")
     assert missing.returncode == 1 and "no adapter_config.json" in missing.stderr
+
+
+def _tree(path):
+    return {p.relative_to(path): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def test_force_never_touches_what_the_export_did_not_write(model_dirs, adapter, tmp_path):
+    """--out at the adapter (or the base) is refused and both stay as they were; --force into a folder
+    with other files replaces the export's own files only."""
+    before = _tree(adapter), _tree(model_dirs["qwen2"])
+    for out in (adapter, model_dirs["qwen2"]):
+        proc = _orpo("merge-and-quantize", "--base", model_dirs["qwen2"], "--adapter", adapter, "--out", out,
+                     "--quant", "f16", "--force")
+        what = "adapter" if out == adapter else "base model"
+        assert proc.returncode == 1 and "Traceback" not in proc.stderr
+        assert f"--out {out} is the {what} directory; write the export beside it, e.g. --out {out / 'gguf'}" \
+            in proc.stderr
+    assert (_tree(adapter), _tree(model_dirs["qwen2"])) == before
+
+    shared = tmp_path / "shared"
+    (shared / "notes").mkdir(parents=True)
+    (shared / "notes" / "run.md").write_text("mine")
+    (shared / "model-f16.gguf").write_text("an older export")
+    (shared / "model-q6_k.gguf").write_text("another export, not asked for this time")
+    args = ["merge-and-quantize", "--base", model_dirs["qwen2"], "--adapter", adapter, "--out", shared, "--quant", "f16"]
+    assert "already has model-f16.gguf" in _orpo(*args).stderr
+    assert (shared / "model-f16.gguf").read_text() == "an older export"
+    done = _orpo(*args, "--force")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (shared / "notes" / "run.md").read_text() == "mine"
+    assert (shared / "model-q6_k.gguf").read_text() == "another export, not asked for this time"
+    gguf.GGUFReader(str(shared / "model-f16.gguf"))
+    assert sorted(p.name for p in shared.iterdir()) == ["Modelfile", "export_report.json", "model-f16.gguf",
+                                                         "model-q6_k.gguf", "notes"]
+
+
+def test_a_hub_id_comes_from_the_local_cache_and_a_quantized_base_is_refused(model_dirs, tmp_path):
+    """`base_model: org/name` as Axolotl configs have it: read from the hub cache (offline here)."""
+    import shutil
+
+    repo = tmp_path / "hub" / "models--acme--tiny-llama"
+    shutil.copytree(model_dirs["llama"], repo / "snapshots" / "0123abcd")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0123abcd")
+    env = dict(_env(), HF_HUB_CACHE=str(tmp_path / "hub"))  # offline, as every test runs
+    run = lambda base, out: subprocess.run([str(BIN / "orpo"), "merge-and-quantize", "--base", base, "--out", str(out),
+                                            "--quant", "f16"], env=env, capture_output=True, text=True, timeout=600)
+    done = run("acme/tiny-llama", tmp_path / "out")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads((tmp_path / "out" / "export_report.json").read_text())["failed_checks"] == []
+    missing = run("acme/not-cached", tmp_path / "x")
+    assert missing.returncode == 1 and "Traceback" not in missing.stderr
+    assert "acme/not-cached: not a local directory, and the hub copy could not be had" in missing.stderr
+
+    quantized = tmp_path / "bnb"
+    shutil.copytree(model_dirs["llama"], quantized)
+    config = json.loads((quantized / "config.json").read_text())
+    (quantized / "config.json").write_text(json.dumps(dict(config, quantization_config={"quant_method": "bitsandbytes",
+                                                                                        "load_in_4bit": True})))
+    refused = run(str(quantized), tmp_path / "y")
+    assert refused.returncode == 1 and f"{quantized} is a bitsandbytes-quantized checkpoint; export from the " \
+        f"full-precision model it was made from" in refused.stderr
+    assert not (tmp_path / "y").exists()
+
+
+def test_not_enough_disk_is_one_line_before_anything_is_written(model_dirs, tmp_path, monkeypatch):
+    import shutil
+
+    from serve import export as exporting
+
+    monkeypatch.setattr(exporting.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10 << 30, 10 << 30, 1 << 20))
+    with pytest.raises(exporting.ExportError, match=r"not enough disk space in .*out: the export needs about 0.0 GiB "
+                                                    r"\(model-q8_0.gguf 0.0 GiB, model-q4_k_m.gguf 0.0 GiB, temporary f16 "
+                                                    r"GGUF 0.0 GiB\) and 0.0 GiB is free; free some space or pick "
+                                                    r"another --out"):
+        exporting.export(model_dirs["llama"], None, tmp_path / "out", ["q8_0", "q4_k_m"], progress=lambda m: None)
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_k_quants_come_from_an_f16_file_and_every_tensor_is_checked(model_dirs, adapter, tmp_path):
+    """Without f16 asked for, a temporary f16 GGUF feeds llama.cpp and is removed; every tensor of every
+    file is compared (the K-quants against that f16 file)."""
+    from serve.export import export
+
+    tiny.build_model("llama", tmp_path / "m", hidden_size=256, intermediate_size=512, num_attention_heads=4)
+    report = export(tmp_path / "m", None, tmp_path / "out", ["q8_0", "q4_k_m"], progress=lambda m: None)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["Modelfile", "export_report.json",
+                                                                    "model-q4_k_m.gguf", "model-q8_0.gguf"]
+    n = len(gguf.GGUFReader(str(tmp_path / "out" / "model-q8_0.gguf")).tensors)
+    tensors = report["tensors"]
+    assert tensors["q8_0"]["checked"] == tensors["q4_k_m"]["checked"] == tensors["f16 (temporary)"]["checked"] == n
+    assert tensors["q8_0"]["reference"] == "merged weights" and tensors["q4_k_m"]["reference"] == "f16 GGUF, 1 in 4 row slices"
+    assert tensors["f16 (temporary)"]["worst_rel_rms"] < 1e-3 < tensors["q8_0"]["worst_rel_rms"] < 2e-2
+    assert 2e-2 < tensors["q4_k_m"]["worst_rel_rms"] < 0.2 and tensors["q4_k_m"]["bound"] is None
+    assert [s["stage"] for s in report["stages"]] == [
+        "write model-q8_0.gguf", "write a temporary f16 GGUF for llama.cpp's quantizer",
+        "quantize model-q4_k_m.gguf (from f16)", "check K-quant tensors against the f16 file",
+        "check tokens and logits against the merged model"]
+    assert all(s["peak_rss_mib"] > 0 for s in report["stages"]) and report["failed_checks"] == []
+
+
+def test_a_damaged_tensor_fails_the_check(model_dirs, tmp_path, monkeypatch):
+    from serve import convert as converting
+    from serve.export import export
+
+    encode = converting._encode
+    monkeypatch.setattr(converting, "_encode", lambda data, kind, name: encode(
+        data * 1.05 if name == "blk.1.ffn_down.weight" else data, kind, name))
+    report = export(model_dirs["llama"], None, tmp_path / "out", ["f16"], progress=lambda m: None)
+    assert report["failed_checks"][0].startswith("model-f16.gguf: tensor blk.1.ffn_down.weight differs from the "
+                                                 "merged weights by 5.00e-02 (relative RMS), above 1e-03 for f16")
 
 
 @pytest.mark.parametrize("arch", ["llama", "llama-tied", "mistral", "qwen2", "qwen3", "gemma3"])
@@ -130,12 +243,35 @@ def test_a_killed_export_leaves_no_truncated_file_and_a_rerun_completes(tmp_path
     for path in out.glob("*.gguf"):  # whatever has a final name is complete
         gguf.GGUFReader(str(path))
     assert not (out / "export_report.json").exists()
+    stale = [p.name for p in out.glob("*.partial")]
     rerun = _orpo(*args, "--force")
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     assert not list(out.glob("*.partial")) and not list(out.glob(".work-*"))
+    for name in stale:
+        assert f"orpo: removed {name}, left by an export that was killed" in rerun.stderr
     for path in out.glob("*.gguf"):
         gguf.GGUFReader(str(path))
     assert len(list(out.glob("model-*.gguf"))) == 5
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_an_interrupted_export_removes_its_temporary_files(sig, tmp_path):
+    """SIGTERM (a scheduler's stop) and Ctrl-C, also while llama.cpp quantizes: exit 130, nothing left."""
+    tiny.build_model("llama", tmp_path / "m", hidden_size=512, intermediate_size=1536, num_hidden_layers=6,
+                     num_attention_heads=8)
+    out = tmp_path / "export"
+    (out / "keep").mkdir(parents=True)
+    proc = subprocess.Popen([str(BIN / "orpo"), "merge-and-quantize", "--base", str(tmp_path / "m"), "--out", str(out),
+                             "--quant", "q4_k_m", "--quant", "q6_k"], env=_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not any(out.glob("model-q4_k_m.gguf.*.partial")):
+        time.sleep(0.01)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "Traceback" not in err, err[-2000:]
+    assert f"orpo: interrupted; no temporary file is left in {out}" in err
+    assert sorted(p.name for p in out.iterdir()) == ["keep"]
 
 
 def test_the_report_catches_a_rope_the_gguf_does_not_reproduce(tmp_path, tokenizer, monkeypatch):

@@ -45,6 +45,43 @@ def atomic_path(final: str | Path, *, keep_existing: bool = False) -> Iterator[P
         _remove(tmp)
 
 
+@contextlib.contextmanager
+def scratch_path(directory: str | Path, name: str) -> Iterator[Path]:
+    """A temporary file `name` in `directory` for the duration of the block, removed when it ends
+    (error and Ctrl-C included), and by remove_stale after a process that was killed."""
+    path = Path(directory) / f"{name}.{os.getpid()}{SUFFIX}"
+    _remove(path)
+    try:
+        yield path
+    finally:
+        _remove(path)
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale(directory: str | Path, names) -> list[Path]:
+    """Remove what atomic_path and scratch_path left in `directory` for these final names when their
+    process was killed (SIGKILL, power loss): `{name}.{pid}.partial...` of a pid that no longer runs.
+    Nothing else is touched."""
+    removed = []
+    for path in Path(directory).glob(f"*{SUFFIX}"):
+        for name in names:
+            pid = path.name[len(name) + 1:].split(".", 1)[0] if path.name.startswith(f"{name}.") else ""
+            if pid.isdigit() and int(pid) != os.getpid() and not _running(int(pid)):
+                _remove(path)
+                removed.append(path)
+                break
+    return removed
+
+
 def write_text(path: str | Path, text: str) -> Path:
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")

@@ -1,0 +1,192 @@
+"""Does each GGUF behave like the merged model? Three checks, each sized to run on an 8B export:
+
+- tokens: llama.cpp tokenizes sample texts (chat renderings and plain text) exactly as the model's
+  tokenizer does (the vocabulary alone is loaded);
+- tensors: every tensor of every file against the merged weights, as a relative RMS error, read a
+  slice at a time. Files we write are checked whole as they are written; files llama.cpp quantized
+  are compared with the f16/bf16 file they came from (whose own error is reported beside them), on
+  one slice of rows in SAMPLE_EVERY, spread over each tensor;
+- logits: next-token log-probs of the merged model (transformers, fp32) against each GGUF on the
+  sample texts and on a sequence long enough to cross a scaled RoPE's original context. The merged
+  model is built in memory, so this runs only up to LOGITS_LIMIT bytes of fp32 weights (the small
+  models of tests and the demo); the report says when it was left out.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import gguf
+import numpy as np
+
+from orpo_plugin.core.logprobs import log_softmax
+
+SAMPLE_MESSAGES = [
+    [{"role": "user", "content": "What is 12 + 30?"}],
+    [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "Name a prime number above 10."}],
+]
+SAMPLE_TEXTS = ["Plain text: digits 2024, punctuation!? and ünïcödé.", "  leading spaces\nand a newline"]
+LOGITS_LIMIT = 2 << 30  # fp32 bytes of the merged model built for the logits check
+
+LONG_TOKENS = 1536  # past the original context of a scaled RoPE in the tests, within every model's
+WINDOW = 128
+# Mean next-token KL a GGUF of this type may show over the long sequence. A GGUF that computes
+# something else than the model is orders of magnitude above (Llama 3's RoPE scaling left out:
+# 0.05 for f32, growing with position). K-quants are reported, not judged: their error depends on
+# the model.
+LONG_KL_BOUND = {"f32": 1e-4, "f16": 1e-3, "bf16": 1e-3, "q8_0": 2e-2}
+# Relative RMS error a tensor of a file of this type may show against the merged weights (f16 rounds
+# at 2^-11, bf16 at 2^-8, q8_0 to 1/127 of each block's largest value). K-quants: reported.
+TENSOR_BOUND = {"f32": 1e-6, "f16": 1e-3, "bf16": 8e-3, "q8_0": 2e-2}
+
+
+def sample_texts(tokenizer) -> list[str]:
+    """Chat renderings the model's template accepts (Mistral v0.1's refuses a system turn), and
+    plain texts."""
+    from jinja2 import TemplateError
+
+    chats = []
+    for messages in SAMPLE_MESSAGES if tokenizer.chat_template else []:
+        try:
+            chats.append(tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
+        except TemplateError:
+            continue
+    return chats + SAMPLE_TEXTS
+
+
+def same_tokens(path: Path, tokenizer, texts: list[str]) -> bool:
+    from serve.llama import vocabulary
+
+    with vocabulary(path) as tokenize:
+        return all(tokenize(t.encode(), add_bos=True, special=True)
+                   == tokenizer(t, add_special_tokens=True)["input_ids"] for t in texts)
+
+
+# -- tensors -------------------------------------------------------------------------------------
+def tensor_summary(errors: dict[str, list[float]], quant: str, reference: str) -> dict:
+    """{gguf tensor: [squared error, squared values]} -> the file's worst and mean relative RMS."""
+    rel = {name: float(np.sqrt(err / ref)) if ref else float(err > 0) for name, (err, ref) in errors.items()}
+    worst = max(rel, key=rel.get)
+    bound = TENSOR_BOUND.get(quant)
+    return {"checked": len(rel), "reference": reference, "worst": worst, "worst_rel_rms": rel[worst],
+            "mean_rel_rms": float(np.mean(list(rel.values()))), "bound": bound,
+            "ok": bound is None or rel[worst] <= bound}
+
+
+def _tensors(path: Path) -> dict:
+    return {t.name: t for t in gguf.GGUFReader(str(path)).tensors}
+
+
+def _rows(path: Path, tensor, start: int, stop: int) -> np.ndarray:
+    """Rows [start, stop) of a GGUF tensor, dequantized, with a plain read (no mmap: memory stays
+    bounded while a whole file streams through)."""
+    row_elements = int(tensor.shape[0])  # GGUFReader gives ggml's order: the row length first
+    rows = tensor.n_elements // row_elements
+    row_bytes = tensor.n_bytes // rows
+    raw = np.fromfile(path, dtype=np.uint8, count=(stop - start) * row_bytes,
+                      offset=int(tensor.data_offset) + start * row_bytes).reshape(stop - start, row_bytes)
+    kind = gguf.GGMLQuantizationType(tensor.tensor_type)
+    if kind == gguf.GGMLQuantizationType.F32:
+        return raw.view(np.float32)
+    if kind == gguf.GGMLQuantizationType.F16:
+        return raw.view(np.float16).astype(np.float32)
+    return gguf.quants.dequantize(raw, kind)
+
+
+SAMPLE_EVERY = 4  # the K-quant check reads one slice of rows in four, spread over each tensor
+
+
+def compare_files(path: Path, reference: Path, bar=None, every: int = SAMPLE_EVERY) -> dict[str, list[float]]:
+    """Every tensor of `path` against the same tensor of `reference`, in slices of about 2M values:
+    the first and then one in `every` (all of a small tensor)."""
+    ours, theirs = _tensors(path), _tensors(reference)
+    if bar is not None:
+        bar.reset(total=len(ours))
+    errors = {}
+    for name, tensor in ours.items():
+        rows = tensor.n_elements // int(tensor.shape[0])
+        step = max(1, (1 << 21) // int(tensor.shape[0]))
+        err = ref = 0.0
+        for start in range(0, rows, step * every):
+            stop = min(rows, start + step)
+            want = _rows(reference, theirs[name], start, stop).ravel()
+            diff = _rows(path, tensor, start, stop).ravel() - want
+            err += float(np.dot(diff, diff))
+            ref += float(np.dot(want, want))
+        errors[name] = [err, ref]
+        if bar is not None:
+            bar.update(1)
+    return errors
+
+
+# -- logits --------------------------------------------------------------------------------------
+def logits_fit(source) -> tuple[bool, int]:
+    from serve.checkpoint import parameters
+
+    size = parameters(source) * 4
+    return size <= LOGITS_LIMIT, size
+
+
+def reference_model(source):
+    """The merged model in transformers, fp32, its weights read from the (merged) checkpoint."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = {k: v for k, v in source.config.items() if k not in ("torch_dtype", "dtype", "transformers_version")}
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**config), dtype=torch.float32)
+    state = {name: torch.from_numpy(source.rows(name)) for name in source.names()}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if unexpected or set(missing) - {"lm_head.weight"}:
+        raise RuntimeError(f"the reference model does not take the checkpoint's tensors: missing {missing}, "
+                           f"unexpected {unexpected}")
+    if missing:
+        model.tie_weights()
+    return model.eval()
+
+
+def _long_ids(tokenizer, config_context: int) -> list[int]:
+    """A deterministic sequence of ordinary tokens, as long as the model allows up to LONG_TOKENS."""
+    special = set(tokenizer.all_special_ids)
+    ordinary = [i for i in range(len(tokenizer)) if i not in special]
+    n = min(LONG_TOKENS, config_context)
+    return [ordinary[i] for i in np.random.default_rng(0).integers(0, len(ordinary), n)]
+
+
+def _long_check(kl: np.ndarray, quant: str) -> dict:
+    """Mean KL over the sequence and per WINDOW positions (the worst window and the first)."""
+    means = [float(kl[i:i + WINDOW].mean()) for i in range(0, len(kl), WINDOW)]
+    worst = int(np.argmax(means))
+    bound = LONG_KL_BOUND.get(quant)
+    return {"tokens": len(kl), "mean_kl": float(kl.mean()), "bound": bound, "first_window_kl": means[0],
+            "worst_window": [worst * WINDOW, min(len(kl), (worst + 1) * WINDOW)], "worst_window_kl": means[worst],
+            "ok": bound is None or float(kl.mean()) <= bound}
+
+
+def logits(source, tokenizer, texts: list[str], gguf_paths: dict[str, Path], threads: int) -> dict:
+    """Next-token log-probs of each GGUF against the merged model: {quant: {max_abs_logprob_diff,
+    mean_kl, long}}."""
+    import torch
+
+    from serve.llama import KVCache, opened
+
+    hf = reference_model(source)
+    encoded = [tokenizer(t, add_special_tokens=True)["input_ids"] for t in texts]
+    long_ids = _long_ids(tokenizer, hf.config.max_position_embeddings)
+    with torch.no_grad():
+        reference = [log_softmax(hf(torch.tensor([ids])).logits[0].double()).numpy() for ids in encoded]
+        long_reference = log_softmax(hf(torch.tensor([long_ids])).logits[0].double()).numpy()
+    del hf
+    out = {}
+    for name, path in gguf_paths.items():
+        with opened(path, n_ctx=max(512, len(long_ids)), threads=threads) as llm:
+            cache, max_abs, kls = KVCache(llm), 0.0, []
+            for ids, ref in zip(encoded, reference):
+                cache.clear()
+                ours = log_softmax(cache.decode(ids, every_row=True).astype(np.float64))
+                max_abs = max(max_abs, float(np.abs(ours - ref).max()))
+                kls.append(float((np.exp(ref) * (ref - ours)).sum(-1).mean()))
+            cache.clear()
+            ours = log_softmax(cache.decode(long_ids, every_row=True).astype(np.float64))
+        long = _long_check((np.exp(long_reference) * (long_reference - ours)).sum(-1), name)
+        out[name] = {"max_abs_logprob_diff": max_abs, "mean_kl": float(np.mean(kls)), "long": long}
+    return out
