@@ -33,10 +33,6 @@ class Entry:
     def row_elements(self) -> int:
         return int(np.prod(self.shape[1:], dtype=np.int64)) if len(self.shape) > 1 else 1
 
-    @property
-    def nbytes(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64)) * np.dtype(DTYPES[self.dtype]).itemsize
-
 
 def read_header(path: Path) -> dict[str, Entry]:
     try:
@@ -114,9 +110,6 @@ class Checkpoint:
 
     def rows(self, name: str, start: int = 0, stop: int | None = None) -> np.ndarray:
         return read_rows(self.entries[name], start, stop)
-
-    def nbytes(self) -> int:
-        return sum(e.nbytes for e in self.entries.values())
 
 
 def parameters(source) -> int:

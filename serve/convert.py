@@ -1,7 +1,8 @@
 """HF checkpoint (safetensors + tokenizer.json) -> GGUF, built on the `gguf` package.
 
-Tensors stream from safetensors one at a time into the writer; the file is written under a
-temporary name and renamed at the end, so a killed run leaves nothing under the final name.
+Tensors stream from a checkpoint (serve.checkpoint, or serve.merge's merged view of one) into the
+writer in slices of about 2M values; the file is written under a temporary name and renamed at the
+end, so a killed run leaves nothing under the final name.
 """
 
 from __future__ import annotations

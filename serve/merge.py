@@ -173,9 +173,6 @@ class Merged:
             return self.adapter.replacements[name].shape
         return self.base.shape(self._aliases.get(name, name))
 
-    def nbytes(self) -> int:
-        return self.base.nbytes()
-
     def _plain_rows(self, name: str, start: int, stop: int | None) -> np.ndarray:
         if name in self.adapter.replacements:
             return read_rows(self.adapter.replacements[name], start, stop)
