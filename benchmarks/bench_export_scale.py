@@ -96,11 +96,10 @@ def build_adapter(base: Path, out: Path, r: int = 16) -> None:
     from peft import LoraConfig
     from safetensors.torch import save_file
 
-    config = json.loads((base / "config.json").read_text())
-    index = json.loads((base / "model.safetensors.index.json").read_text())["weight_map"]
     from serve.checkpoint import Checkpoint
 
-    shapes = {name: Checkpoint(base).shape(name) for name in index if name.split(".")[-2] in TARGETS}
+    checkpoint = Checkpoint(base)
+    shapes = {name: checkpoint.shape(name) for name in checkpoint.names() if name.split(".")[-2] in TARGETS}
     generator = torch.Generator().manual_seed(1)
     tensors = {}
     for name, (rows, cols) in shapes.items():
@@ -111,7 +110,7 @@ def build_adapter(base: Path, out: Path, r: int = 16) -> None:
     save_file(tensors, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
     LoraConfig(r=r, lora_alpha=2 * r, target_modules=TARGETS, task_type="CAUSAL_LM",
                base_model_name_or_path=str(base)).save_pretrained(str(out))
-    assert config["num_hidden_layers"] * len(TARGETS) == len(shapes)
+    assert checkpoint.config["num_hidden_layers"] * len(TARGETS) == len(shapes)
 
 
 # -- stages, each in a child process --------------------------------------------------------------
@@ -170,7 +169,7 @@ def run(shape: str, tmp: Path) -> None:
     info = build_base(shape, tmp / "base")
     build_adapter(tmp / "base", tmp / "adapter")
     largest = info["largest_tensor_bytes"]
-    print(f"model: Llama-3.2-3B shape" if shape == "3b" else "model: Llama-3.1-8B shape", end="")
+    print("model: Llama-3.2-3B shape" if shape == "3b" else "model: Llama-3.1-8B shape", end="")
     print(f", {info['parameters'] / 1e9:.2f}B parameters, bf16 in {info['shards']} shards "
           f"({sum(f.stat().st_size for f in (tmp / 'base').glob('*.safetensors')) / 2**30:.1f} GiB), largest tensor "
           f"{largest / 2**20:.0f} MiB; LoRA r=16 on {', '.join(TARGETS)}; {os.cpu_count()} threads")

@@ -20,6 +20,7 @@ import gguf
 import numpy as np
 
 from orpo_plugin.core.logprobs import log_softmax
+from serve.checkpoint import parameters
 
 SAMPLE_MESSAGES = [
     [{"role": "user", "content": "What is 12 + 30?"}],
@@ -121,8 +122,6 @@ def compare_files(path: Path, reference: Path, bar=None, every: int = SAMPLE_EVE
 
 # -- logits --------------------------------------------------------------------------------------
 def logits_fit(source) -> tuple[bool, int]:
-    from serve.checkpoint import parameters
-
     size = parameters(source) * 4
     return size <= LOGITS_LIMIT, size
 

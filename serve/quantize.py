@@ -69,11 +69,10 @@ def quantize(src: str | Path, dst: str | Path, quant: str, threads: int | None =
     if quant not in QUANT_TYPES:
         raise QuantizeError(f"unknown quantization {quant!r}; choose from {', '.join(sorted(QUANT_TYPES))}")
     src, dst = Path(src), Path(dst)
-    command = [sys.executable, "-m", "serve.quantize", str(src), "", quant, str(threads or default_threads())]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
     with atomic_path(dst) as tmp, _bytes_written(tmp, f"quantize {quant}", progress), tempfile.TemporaryFile() as log:
-        command[4] = str(tmp)
-        proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=log)
+        proc = subprocess.Popen([sys.executable, "-m", "serve.quantize", str(src), str(tmp), quant,
+                                 str(threads or default_threads())], env=env, stdout=subprocess.PIPE, stderr=log)
         try:
             out, _ = proc.communicate()
         except BaseException:  # Ctrl-C, SIGTERM: stop the quantizer before its file is removed
@@ -82,8 +81,10 @@ def quantize(src: str | Path, dst: str | Path, quant: str, threads: int | None =
             raise
         if proc.returncode != 0:
             log.seek(0)
-            why = log.read().decode(errors="replace").strip().splitlines()[-1:] or [f"exit status {proc.returncode}"]
-            raise QuantizeError(f"llama.cpp could not quantize {src} to {quant}: {why[0]}")
+            lines = log.read().decode(errors="replace").strip().splitlines()
+            why = next((line for line in reversed(lines) if "failed" in line), lines[-1] if lines else
+                       f"exit status {proc.returncode}")  # llama.cpp's own reason, else its last word
+            raise QuantizeError(f"llama.cpp could not quantize {src} to {quant}: {why}")
     if stats is not None:
         stats.update(json.loads(out.decode().strip().splitlines()[-1]))
     return dst

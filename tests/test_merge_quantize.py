@@ -131,7 +131,7 @@ def test_a_vocabulary_resized_in_training_is_exported(model_dirs, tmp_path):
 MEASURE = """
 import json, sys
 from pathlib import Path
-from serve.convert import convert, _write_tokenizer
+from serve.convert import convert
 from serve.memory import peak_rss, reset_peak
 from serve.merge import merged
 source = merged(sys.argv[1], sys.argv[2])
@@ -197,6 +197,10 @@ def test_q4_k_m_writes_real_k_quant_tensors_and_keeps_the_template(tmp_path, cap
         llm.close()
 
 
-def test_unknown_quant_lists_the_choices(tmp_path):
+def test_unknown_quant_lists_the_choices_and_a_failed_quantization_leaves_nothing(tmp_path):
     with pytest.raises(QuantizeError, match="choose from .*q4_k_m"):
         quantize(tmp_path / "x.gguf", tmp_path / "y.gguf", "q4_k_xl")
+    (tmp_path / "x.gguf").write_bytes(b"not a gguf")
+    with pytest.raises(QuantizeError, match=r"llama.cpp could not quantize .*x.gguf to q4_k_m: llama_model_quantize: failed to quantize"):
+        quantize(tmp_path / "x.gguf", tmp_path / "y.gguf", "q4_k_m")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.gguf"]
