@@ -21,6 +21,14 @@ def apply_rl_alias(data: dict) -> dict:
     return data
 
 
+# Axolotl keys that split what the loss reads across ranks -> what they split.
+SPLITTING_PARALLELISM = {
+    "context_parallel_size": "splits each sequence across GPUs",
+    "sequence_parallel_degree": "splits each sequence across GPUs",
+    "tensor_parallel_size": "splits the LM head's vocabulary and every layer across GPUs",
+}
+
+
 class OrpoArgs(BaseModel):
     """Keys of `plugins: [orpo_plugin.OrpoPlugin]`. `orpo_alpha` (lambda, default 0.1) and
     `train_on_inputs` (NLL on the prompt too) are Axolotl's own keys and keep their meaning."""
@@ -88,6 +96,22 @@ class OrpoArgs(BaseModel):
             raise ValueError(f"orpo_loss {value!r} is not registered; available: "
                              f"{', '.join(sorted(get_losses()))} (add one with the register_losses hook)")
         return value
+
+    @model_validator(mode="before")
+    @classmethod
+    def check_parallelism(cls, data):
+        """Data parallelism (DDP, DeepSpeed ZeRO-1/2/3, FSDP) keeps each sequence and the LM head's
+        vocabulary whole on one rank; these split them, and the ORPO loss needs both whole."""
+        if isinstance(data, dict) and data.get("orpo_plugin"):
+            for key, split in SPLITTING_PARALLELISM.items():
+                size = data.get(key)
+                if isinstance(size, int) and size > 1:
+                    raise ValueError(
+                        f"{key}: {size} is not supported with rl: orpo_plugin: it {split}, and the ORPO "
+                        f"loss reads each answer's log-probs whole on one rank. Remove {key} (or set it to "
+                        f"1); to spread a model that does not fit one GPU, use DeepSpeed ZeRO-3 or FSDP2 "
+                        f"(README: Several GPUs and nodes).")
+        return data
 
     @model_validator(mode="before")
     @classmethod

@@ -9,6 +9,8 @@ import inspect
 import transformers
 from transformers import Trainer
 
+from orpo_plugin.engines import engine_module
+
 # name -> the parameters (after self) we call or override it with
 PRIVATE_TRAINER_API = {
     # The optimizer step's item count, passed to compute_loss as num_items_in_batch: the ORPO
@@ -46,8 +48,8 @@ class TrainerPrivateAPI:
 
 
 def unwrap(model):
-    """The transformers model under DDP and PEFT wrappers."""
-    model = getattr(model, "module", model)  # DDP
+    """The transformers model under engine (DDP, DeepSpeed) and PEFT wrappers."""
+    model = engine_module(model)
     if hasattr(model, "get_base_model"):  # PEFT
         model = model.get_base_model()
     return model

@@ -22,6 +22,7 @@ from orpo_plugin.compat import TrainerPrivateAPI, check_trainer_api, unwrap
 from orpo_plugin.core import odds
 from orpo_plugin.core.tokenize import TRUNCATED
 from orpo_plugin.datasets import tokenize_dataset
+from orpo_plugin.engines import engine_module, run_as_forward
 from orpo_plugin.logprobs import head_logits, logit_transform, token_logprobs
 from orpo_plugin.losses import get_losses
 
@@ -112,35 +113,40 @@ def attention_backend(base) -> str | None:
 
 
 def orpo_batch_stats(model, batch: dict[str, torch.Tensor], settings: OrpoSettings) -> PairBatchStats:
-    """Run the model on a collated batch (either layout) and return the pieces of the loss."""
+    """Run the model on a collated batch (either layout) and return the pieces of the loss. The
+    forward and the LM head run together as one forward of the engine's module (engines.py), so
+    that ZeRO-3 and FSDP2 hold the head's weight gathered while it is read and again in backward."""
     base = unwrap(model)
-    out = model(**_model_inputs(batch, base), use_cache=False, output_hidden_states=True,
-                logits_to_keep=_NO_LOGITS.to(batch["input_ids"].device))
-    hidden = out.hidden_states[-1]  # final-norm output
-    del out
     kind = batch["score_kind"]
     used = torch.ones_like(kind, dtype=torch.bool) if settings.train_on_inputs else kind != PROMPT
     row, pos, target, pair, kind = (batch[k][used] for k in SCORE_KEYS)
     scale, softcap = logit_transform(base.config)
-    logp = token_logprobs(hidden[row, pos], target, base.get_output_embeddings(), chunk_tokens=settings.chunk_tokens,
-                          scale=scale, softcap=softcap, method=settings.logprob_method)
     n_pairs = pair_count(batch)
-    avgs = []
-    for side in (CHOSEN, REJECTED):
-        on_side = kind == side
-        total = logp.new_zeros(n_pairs).index_add(0, pair, logp * on_side)
-        length = torch.bincount(pair[on_side], minlength=n_pairs).clamp(min=1)  # >= 1: EOS at least
-        avgs.append(total / length)
-    chosen_avg, rejected_avg = avgs
-    z = odds.log_odds_ratio(chosen_avg, rejected_avg)
     is_nll = kind != REJECTED  # chosen answers, and prompts when they were scored at all
-    return PairBatchStats(
-        loss_nll_sum=-(logp * is_nll).sum(),
-        loss_or_sum=get_losses()[settings.loss].penalty(chosen_avg, rejected_avg).sum(),
-        pair_sums=odds.pair_sums(chosen_avg.detach(), rejected_avg.detach(), z.detach()),
-        n_pairs=n_pairs,
-        n_nll_tokens=int(is_nll.sum()),
-    )
+    inputs = _model_inputs(batch, base)  # out here: it reads the embeddings' dtype (ZeRO-3: see logprobs.py)
+
+    def loss_parts(forward):
+        out = forward(**inputs, use_cache=False, output_hidden_states=True,
+                      logits_to_keep=_NO_LOGITS.to(batch["input_ids"].device))
+        hidden = out.hidden_states[-1]  # final-norm output
+        del out
+        logp = token_logprobs(hidden[row, pos], target, base.get_output_embeddings(),
+                              chunk_tokens=settings.chunk_tokens, scale=scale, softcap=softcap,
+                              method=settings.logprob_method)
+        avgs = []
+        for side in (CHOSEN, REJECTED):
+            on_side = kind == side
+            total = logp.new_zeros(n_pairs).index_add(0, pair, logp * on_side)
+            length = torch.bincount(pair[on_side], minlength=n_pairs).clamp(min=1)  # >= 1: EOS at least
+            avgs.append(total / length)
+        chosen_avg, rejected_avg = avgs
+        z = odds.log_odds_ratio(chosen_avg, rejected_avg)
+        return (-(logp * is_nll).sum(), get_losses()[settings.loss].penalty(chosen_avg, rejected_avg).sum(),
+                odds.pair_sums(chosen_avg.detach(), rejected_avg.detach(), z.detach()))
+
+    nll_sum, or_sum, sums = run_as_forward(engine_module(model), loss_parts, via=model)
+    return PairBatchStats(loss_nll_sum=nll_sum, loss_or_sum=or_sum, pair_sums=sums, n_pairs=n_pairs,
+                          n_nll_tokens=int(is_nll.sum()))
 
 
 def check_final_hidden_state(model, input_ids: torch.Tensor) -> None:
@@ -148,11 +154,14 @@ def check_final_hidden_state(model, input_ids: torch.Tensor) -> None:
     Qwen2 and most decoders in transformers 5, but not for every architecture: verify it
     once, on a few tokens, instead of training on wrong log-probs."""
     base = unwrap(model)
+
+    def both_logits(forward):
+        out = forward(input_ids=input_ids[:1, :8], use_cache=False, output_hidden_states=True, logits_to_keep=1)
+        ours = head_logits(out.hidden_states[-1][:, -1:], base.get_output_embeddings(), *logit_transform(base.config))
+        return ours, out.logits[:, -1:].float()
+
     with torch.no_grad():
-        out = model(input_ids=input_ids[:1, :8], use_cache=False, output_hidden_states=True, logits_to_keep=1)
-        ours = head_logits(out.hidden_states[-1][:, -1:], base.get_output_embeddings(),
-                           *logit_transform(base.config))
-    theirs = out.logits[:, -1:].float()
+        ours, theirs = run_as_forward(engine_module(model), both_logits, via=model)
     if not torch.allclose(ours, theirs, rtol=1e-3, atol=1e-3 * theirs.abs().max().item()):
         raise RuntimeError(
             f"orpo_plugin: {type(base).__name__} does not feed its last hidden state straight to "

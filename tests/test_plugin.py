@@ -61,6 +61,9 @@ def test_plugin_stays_out_of_other_runs(fresh_plugins):
     ("orpo_alpha", "lots", "orpo_alpha"),
     ("orpo_logprob_method", "fast", "'auto', 'fused' or 'chunked'"),
     ("orpo_chunk_tokens", 0, "orpo_chunk_tokens"),
+    ("context_parallel_size", 2, "context_parallel_size: 2 is not supported with rl: orpo_plugin"),
+    ("sequence_parallel_degree", 2, "sequence_parallel_degree: 2 is not supported with rl: orpo_plugin"),
+    ("tensor_parallel_size", 2, "tensor_parallel_size: 2 is not supported with rl: orpo_plugin"),
 ])
 def test_bad_plugin_values_name_the_key_and_the_allowed_values(key, value, expected, fresh_plugins):
     with pytest.raises(ValidationError) as err:
@@ -98,3 +101,12 @@ def test_example_configs_validate_against_axolotls_schema(name, fresh_plugins):
         assert cfg.bf16 is True and cfg.gradient_checkpointing
     if "qlora" in name:
         assert cfg.load_in_4bit and cfg.adapter == "qlora"
+    if "zero3" in name:  # Axolotl's own config, after `axolotl fetch deepspeed_configs`
+        assert cfg.deepspeed == "deepspeed_configs/zero3_bf16.json"
+    if "fsdp2" in name:  # full shard of the model's own decoder layer class
+        import importlib
+
+        assert cfg.fsdp_version == 2 and cfg.fsdp_config["reshard_after_forward"] is True
+        layer = cfg.fsdp_config["transformer_layer_cls_to_wrap"]
+        family = layer.removesuffix("DecoderLayer").lower()
+        assert hasattr(importlib.import_module(f"transformers.models.{family}.modeling_{family}"), layer)
