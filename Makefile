@@ -18,6 +18,8 @@ LLAMA_CPU := -DGGML_NATIVE=OFF $(call ggml_if,avx512f,GGML_AVX512) $(call ggml_i
 endif
 export CMAKE_ARGS ?= -DLLAVA_BUILD=OFF $(LLAMA_CPU)
 LLAMA_WHEELS := $(HOME)/.cache/orpo-plugin/wheels/llama-cpp-python-$(LLAMA_CPP_VERSION)-$(shell echo '$(CMAKE_ARGS)' | md5sum | cut -c1-12)
+# The tests install the serve-only extra into a fresh environment from the same wheel.
+export ORPO_LLAMA_WHEELS := $(LLAMA_WHEELS)
 # Offline, quiet runs (nothing is ever downloaded at run time), with the venv's tools first on PATH:
 # the variables are defined once, in orpo_demo/env.py.
 RUN     = env $$($(BIN)/python -m orpo_demo.env) PATH=$(abspath $(BIN)):$$PATH

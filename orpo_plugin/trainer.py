@@ -9,6 +9,7 @@ batch. Logits exist only at scored positions, a chunk at a time (see logprobs.py
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -315,9 +316,24 @@ class OrpoTrainer(TrainerPrivateAPI, AxolotlTrainer):
 
     def log(self, logs, start_time=None):
         split = "train" if "loss" in logs else "eval" if "eval_loss" in logs else None
-        if split is not None:
-            logs.update(self.orpo_metrics(split))
-        return super().log(logs, start_time)
+        if split is None:
+            return super().log(logs, start_time)
+        logs.update(self.orpo_metrics(split))
+        entry = _ChosenPerplexity(logs)
+        result = super().log(entry, start_time)
+        logs.update(entry)  # the caller's dict holds what was logged, as with Trainer.log
+        return result
+
+
+class _ChosenPerplexity(dict):
+    """Log entries whose `ppl` / `eval_ppl` is the perplexity of the chosen answers, exp(nll_loss).
+    Axolotl's trainer writes exp(loss) there, and the ORPO loss is no log-likelihood."""
+
+    def __setitem__(self, key, value):
+        nll = self.get(key.replace("ppl", "nll_loss")) if key in ("ppl", "eval_ppl") else None
+        if nll is not None:
+            value = math.exp(nll) if nll < 700 else float("inf")
+        super().__setitem__(key, value)
 
 
 def _tokenized(dataset, tokenizer, max_length, num_proc, split: str):

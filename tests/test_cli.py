@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 from pathlib import Path
 
+import pytest
 import yaml
 
 import tiny
@@ -66,6 +68,11 @@ def test_axolotl_train_example_config(tmp_path, tiny_default):
     for key in METRICS:
         assert all(key in h for h in train_logs), key
         assert all(f"eval_{key}" in h for h in eval_logs), key
+    # Axolotl logs exp(loss) as ppl; the plugin logs the chosen answers' perplexity there.
+    for prefix, logs in (("", train_logs), ("eval_", eval_logs)):
+        for h in logs:
+            assert h[f"{prefix}ppl"] == pytest.approx(math.exp(h[f"{prefix}nll_loss"]), rel=1e-6)
+            assert h[f"{prefix}ppl"] != pytest.approx(math.exp(h[f"{prefix}loss"]), rel=1e-6)
     assert train_logs[-1]["loss"] < train_logs[0]["loss"]  # it learns
 
 

@@ -1,0 +1,83 @@
+"""`pip install 'orpo-plugin[serve]'`: what someone who only serves, chats with, scores or exports a
+model installs. Checked in a fresh virtual environment: pip's own resolution report (no Axolotl,
+torch, bitsandbytes or CUDA packages), then a real install whose `orpo` command starts and whose
+modules all import without torch."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+TRAINING_ONLY = {"axolotl", "torch", "bitsandbytes", "triton", "peft", "trl", "accelerate", "deepspeed",
+                 "torchao", "liger-kernel"}
+
+
+def _llama_wheels() -> Path:
+    """The llama-cpp-python wheel `make setup` built for this machine (ORPO_LLAMA_WHEELS)."""
+    version = re.search(r'"llama-cpp-python[^=]*==([0-9.]+)"', (ROOT / "pyproject.toml").read_text())[1]
+    found = os.environ.get("ORPO_LLAMA_WHEELS") or next(
+        iter(sorted(Path.home().glob(f".cache/orpo-plugin/wheels/llama-cpp-python-{version}-*"))), None)
+    assert found and list(Path(found).glob("*.whl")), "no llama-cpp-python wheel: run `make setup` first"
+    return Path(found)
+
+
+def _source(tmp_path: Path) -> Path:
+    """The project's packaged files, copied: building a wheel writes build/ and *.egg-info beside them."""
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("pyproject.toml", "README.md", "orpo_plugin", "serve", "orpo_demo"):
+        copy = shutil.copytree if (ROOT / name).is_dir() else shutil.copy2
+        copy(ROOT / name, src / name, **({"ignore": shutil.ignore_patterns("__pycache__")}
+                                          if (ROOT / name).is_dir() else {}))
+    return src
+
+
+def _run(*cmd, **kwargs) -> subprocess.CompletedProcess:
+    proc = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, timeout=900, **kwargs)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def test_serve_extra_installs_without_axolotl_or_torch(tmp_path, trained_tiny):
+    src, venv = _source(tmp_path), tmp_path / "venv"
+    _run(sys.executable, "-m", "venv", venv)
+    pip = [venv / "bin" / "python", "-m", "pip", "--disable-pip-version-check", "install", "--quiet",
+           "--find-links", _llama_wheels()]
+    report = tmp_path / "report.json"
+    _run(*pip, "--dry-run", "--report", report, f"{src}[serve]")
+    names = {item["metadata"]["name"].lower().replace("_", "-") for item in json.loads(report.read_text())["install"]}
+    assert not names & TRAINING_ONLY, sorted(names & TRAINING_ONLY)
+    assert not [n for n in names if n.startswith(("nvidia-", "cuda-"))]
+    assert {"llama-cpp-python", "gguf", "transformers", "fastapi", "uvicorn"} <= names
+
+    _run(*pip, f"{src}[serve]")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    help_text = _run(venv / "bin" / "orpo", "serve", "--help", env=env, cwd=tmp_path).stdout
+    assert "--model" in help_text or "MODEL" in help_text
+    # Every module of the serve side imports in that environment (torch is not there to import).
+    modules = sorted(f"serve.{p.stem}" for p in (ROOT / "serve").glob("*.py") if p.stem != "__init__")
+    probe = ("import importlib, sys\n"
+             f"for name in {modules!r}: importlib.import_module(name)\n"
+             "assert 'torch' not in sys.modules and 'axolotl' not in sys.modules\n"
+             "import importlib.util as u; assert u.find_spec('torch') is None\n")
+    _run(venv / "bin" / "python", "-c", probe, env=env, cwd=tmp_path)
+
+    # The trained adapter exported and scored there: the export's tensor and token checks run, its
+    # logits check says why it was left out, and the q8_0 file is byte for byte the full install's.
+    from orpo_demo.env import offline_env
+
+    env = offline_env(env)
+    out = tmp_path / "gguf"
+    _run(venv / "bin" / "orpo", "merge-and-quantize", "--base", trained_tiny["base"], "--adapter",
+         trained_tiny["adapter"], "--out", out, "--quant", "q8_0", env=env, cwd=tmp_path)
+    report = json.loads((out / "export_report.json").read_text())
+    assert report["models"]["q8_0"]["ok"] and report["models"]["q8_0"]["tokens_identical"]
+    assert report["logits"] == {"checked": False, "why": "torch is not installed (orpo-plugin[serve] alone); "
+                                                         "install torch to run it"}
+    assert (out / "model-q8_0.gguf").read_bytes() == (trained_tiny["gguf"] / "model-q8_0.gguf").read_bytes()
