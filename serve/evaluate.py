@@ -4,6 +4,7 @@ the training metrics' definitions."""
 
 from __future__ import annotations
 
+import importlib.util
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -41,6 +42,12 @@ def open_model(path: str | Path, n_ctx: int = 4096, threads: int | None = None):
         with opened(path, n_ctx, threads) as llm:
             yield LlamaCppScorer(llm), GGUFTokenizer(llm)
     else:
+        needed = ("torch", "peft") if kind == "adapter" else ("torch",)
+        missing = [m for m in needed if importlib.util.find_spec(m) is None]
+        if missing:
+            raise ScoreError(f"{path}: scoring a transformers model or adapter needs {' and '.join(missing)}, which "
+                             f"the serve-only install leaves out; install orpo-plugin[train] (or "
+                             f"{' '.join(missing)}), or score its GGUF export")
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 

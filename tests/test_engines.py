@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -24,6 +25,7 @@ import torch
 from safetensors.torch import load_file
 
 import tiny
+from orpo_demo.env import BIN
 from test_cli import METRICS, _env, _log_history, _tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -84,8 +86,6 @@ def _run(start, name: str, engine, adapter: bool, plugin: dict, micro: int, accu
          launcher: list[str], nodes: int = 1) -> tuple[dict, dict[str, torch.Tensor]]:
     """One `axolotl train`; with nodes > 1, one launcher per node (node ranks 0..nodes-1 on this
     machine), each as a user starts it on their node: the same config and paths."""
-    import subprocess
-
     run = start["root"] / name
     run.mkdir()
     extra = dict(plugin)
@@ -106,13 +106,14 @@ def _run(start, name: str, engine, adapter: bool, plugin: dict, micro: int, accu
                           test_datasets=[{**data, "split": "train"}], optimizer="sgd", learning_rate=0.5,
                           warmup_steps=0, lr_scheduler="constant", val_set_size=0.0, datasets=[data], **extra)
     env = dict(_env(), PYTHONPATH=os.pathsep.join([str(SHIM), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep))
-    from orpo_demo.env import BIN
-
     logs = [run / f"node{node}.log" for node in range(nodes)]  # files: a full pipe would stall a node
-    procs = [subprocess.Popen([str(BIN / "axolotl"), "train", str(config), *launcher,
-                               *([f"--node_rank={node}"] if nodes > 1 else [])],
-                              cwd=run, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
-             for node, log in enumerate(logs)]
+    procs = []
+    for node, log in enumerate(logs):
+        with log.open("w") as out:  # the child keeps its own copy of the descriptor
+            procs.append(subprocess.Popen([str(BIN / "axolotl"), "train", str(config), *launcher,
+                                           *([f"--node_rank={node}"] if nodes > 1 else [])],
+                                          cwd=run, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                          start_new_session=True))
     try:
         for proc, log in zip(procs, logs):
             proc.wait(timeout=600)

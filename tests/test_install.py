@@ -81,3 +81,11 @@ def test_serve_extra_installs_without_axolotl_or_torch(tmp_path, trained_tiny):
     assert report["logits"] == {"checked": False, "why": "torch is not installed (orpo-plugin[serve] alone); "
                                                          "install torch to run it"}
     assert (out / "model-q8_0.gguf").read_bytes() == (trained_tiny["gguf"] / "model-q8_0.gguf").read_bytes()
+
+    # The GGUF scores there; the adapter, which needs torch, gets one line saying so, no traceback.
+    pairs = ["--pairs", trained_tiny["eval"], "--limit", "4"]
+    _run(venv / "bin" / "orpo", "score", out / "model-q8_0.gguf", *pairs, env=env, cwd=tmp_path)
+    proc = subprocess.run([str(c) for c in (venv / "bin" / "orpo", "score", trained_tiny["adapter"], *pairs)],
+                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert "needs torch and peft, which the serve-only install leaves out" in proc.stderr
