@@ -4,9 +4,10 @@ DeepSpeed on gloo CPU ranks, as it does on GPU ranks.
 Accelerate selects FSDP or DeepSpeed only for GPU-like distributed types; on a CPU-only machine it
 falls back to gloo DDP and wraps a ZeRO-3-partitioned or FSDP-planned model in DDP instead. Axolotl
 builds its FSDP device mesh for "cuda". Both are device checks, not engine logic: this shim changes
-exactly those (the distributed type after AcceleratorState's own setup, the mesh's device type) and
-nothing else, so the rest — Axolotl's config handling, model loading under zero.Init, Accelerate's
-fully_shard / deepspeed.initialize, the engines' hooks, saving — runs as on GPUs.
+those (the distributed type after AcceleratorState's own setup, the mesh's device type), plus one
+gloo-only step of ZeRO-1/2 (below), and nothing else. The rest — Axolotl's config handling, model
+loading under zero.Init, Accelerate's fully_shard / deepspeed.initialize, the engines' hooks,
+saving — runs as on GPUs.
 """
 
 import os
