@@ -17,6 +17,9 @@ LLAMA_CPU := -DGGML_NATIVE=OFF $(call ggml_if,avx512f,GGML_AVX512) $(call ggml_i
   $(call ggml_if,avx_vnni,GGML_AVX_VNNI)
 endif
 export CMAKE_ARGS ?= -DLLAVA_BUILD=OFF $(LLAMA_CPU)
+# The Axolotl release `make setup` installs: the lowest of the range pyproject.toml admits, the one CI
+# tests. Pinned here, pip also resolves at once instead of backtracking through Axolotl's releases.
+AXOLOTL_VERSION ?= 0.19.0
 LLAMA_WHEELS := $(HOME)/.cache/orpo-plugin/wheels/llama-cpp-python-$(LLAMA_CPP_VERSION)-$(shell echo '$(CMAKE_ARGS)' | md5sum | cut -c1-12)
 # The tests install the serve-only extra into a fresh environment from the same wheel.
 export ORPO_LLAMA_WHEELS := $(LLAMA_WHEELS)
@@ -36,7 +39,7 @@ $(STAMP): pyproject.toml
 	test -n "$$(ls $(LLAMA_WHEELS)/*.whl 2>/dev/null)" || { rm -rf $(LLAMA_WHEELS).building && \
 	  $(BIN)/pip wheel -q --no-deps --no-cache-dir --no-binary llama-cpp-python -w $(LLAMA_WHEELS).building \
 	  llama-cpp-python==$(LLAMA_CPP_VERSION) && mv $(LLAMA_WHEELS).building $(LLAMA_WHEELS); }
-	$(BIN)/pip install -q --find-links $(LLAMA_WHEELS) -e '.[dev]'
+	$(BIN)/pip install -q --find-links $(LLAMA_WHEELS) -e '.[dev]' 'axolotl==$(AXOLOTL_VERSION)'
 	touch $(STAMP)
 
 # Tools the tests use beside Python (Debian's packages): Go renders Ollama Modelfile templates with its
