@@ -22,9 +22,11 @@ def apply_rl_alias(data: dict) -> dict:
 
 
 # Axolotl keys that split what the loss reads across ranks -> what they split.
+# The deprecated name first: Axolotl 0.21 copies it into context_parallel_size before we see the
+# config, and the message should name the key the user wrote.
 SPLITTING_PARALLELISM = {
-    "context_parallel_size": "splits each sequence across GPUs",
     "sequence_parallel_degree": "splits each sequence across GPUs",
+    "context_parallel_size": "splits each sequence across GPUs",
     "tensor_parallel_size": "splits the LM head's vocabulary and every layer across GPUs",
 }
 

@@ -209,7 +209,33 @@ def axolotl_merge_and_quantize(config, out, quants, force, threads, num_ctx):
     output_dir = Path(cfg["output_dir"])
     adapter = output_dir if cfg.get("adapter") else None
     base = cfg["base_model"] if adapter else output_dir  # a full fine-tune saved its weights there
+    if click.get_current_context().get_parameter_source("quants") is click.core.ParameterSource.DEFAULT:
+        quants = _export_block_quants(config, cfg.get("export")) or quants
     _run_export(base, adapter, out or output_dir / "gguf", quants, force, threads, num_ctx)
+
+
+def _export_block_quants(config, block) -> list[str]:
+    """The GGUF types Axolotl's own `export:` block asks for (Axolotl 0.21's `axolotl export`):
+    `outtype` (f16 unless set) and each of `quantize`, so one block serves both commands."""
+    if block is None:
+        return []
+    if not isinstance(block, dict):
+        raise click.ClickException(f"{config}: export: must be a mapping (outtype, quantize), not {block!r}")
+    quantize = block.get("quantize") or []
+    if isinstance(quantize, str):
+        quantize = quantize.split(",")
+    if not isinstance(quantize, list):
+        raise click.ClickException(f"{config}: export.quantize must be a list of GGUF types, e.g. [Q4_K_M, Q8_0]")
+    from serve.export import writable_types
+
+    outtype = str(block.get("outtype") or "f16").lower()
+    asked = [("outtype", "f16" if outtype == "auto" else outtype)] + [("quantize", str(q).strip().lower())
+                                                                      for q in quantize]
+    for key, quant in asked:
+        if quant not in writable_types():
+            raise click.ClickException(f"{config}: export.{key}: {quant.upper()} is not a type merge-and-quantize "
+                                       f"writes; choose from {', '.join(writable_types())}")
+    return list(dict.fromkeys(quant for _, quant in asked))
 
 
 if __name__ == "__main__":

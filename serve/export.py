@@ -46,12 +46,17 @@ def target(out_dir: Path, quant: str) -> Path:
     return out_dir / f"model-{quant}.gguf"
 
 
+def writable_types() -> list[str]:
+    """Every GGUF type an export writes: the converter's own and the quantizer's."""
+    return sorted(set(OUT_TYPES) | set(QUANT_TYPES))
+
+
 def check_request(out_dir: Path, quants: list[str], force: bool, base=None, adapter=None) -> list[str]:
     quants = list(dict.fromkeys(q.lower() for q in quants))
-    unknown = [q for q in quants if q not in OUT_TYPES and q not in QUANT_TYPES]
+    unknown = [q for q in quants if q not in writable_types()]
     if unknown or not quants:
         raise ExportError(f"unknown quantization {', '.join(unknown) or '(none)'}; choose from "
-                          f"{', '.join(sorted(set(OUT_TYPES) | set(QUANT_TYPES)))}")
+                          f"{', '.join(writable_types())}")
     if out_dir.exists() and not out_dir.is_dir():
         raise ExportError(f"--out {out_dir} is a file; pass a directory")
     for what, directory in (("adapter", adapter), ("base model", base)):

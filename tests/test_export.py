@@ -25,8 +25,16 @@ def _orpo(*args, timeout=600):
 def test_axolotl_merge_and_quantize_after_training_gives_a_gguf_that_chats(tmp_path, tiny_default):
     config = _tiny_config(tmp_path, tiny_default, max_steps=4, test_datasets=None, eval_steps=None)
     _train(config, "--launcher", "python")
-    proc = subprocess.run([str(BIN / "axolotl"), "merge-and-quantize", str(config), "--quant", "f16",
-                           "--quant", "q8_0"], cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=600)
+    axolotl = lambda: subprocess.run([str(BIN / "axolotl"), "merge-and-quantize", str(config)], cwd=tmp_path,  # noqa: E731
+                                     env=_env(), capture_output=True, text=True, timeout=600)
+    # The types come from the config's `export:` block, the one Axolotl 0.21's `axolotl export` reads.
+    trained = config.read_text()
+    config.write_text(trained + "export:\n  quantize: [Q8_0, Q9_K]\n")
+    proc = axolotl()
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert f"{config}: export.quantize: Q9_K is not a type merge-and-quantize writes" in proc.stderr
+    config.write_text(trained + "export:\n  outtype: f16\n  quantize: [Q8_0]\n  llama_cpp_dir: /nowhere\n")
+    proc = axolotl()
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = tmp_path / "out" / "gguf"
     report = json.loads((out / "export_report.json").read_text())

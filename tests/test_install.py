@@ -11,7 +11,12 @@ import re
 import shutil
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
+
+import pytest
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAINING_ONLY = {"axolotl", "torch", "bitsandbytes", "triton", "peft", "trl", "accelerate", "deepspeed",
@@ -89,3 +94,60 @@ def test_serve_extra_installs_without_axolotl_or_torch(tmp_path, trained_tiny):
                           capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
     assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert "needs torch and peft, which the serve-only install leaves out" in proc.stderr
+
+
+def _requirements(extras: set[str]) -> list[Requirement]:
+    """pyproject.toml's dependencies with these extras, self-references (orpo-plugin[train,serve]) expanded."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    found, todo, seen = list(map(Requirement, project["dependencies"])), list(extras), set()
+    while todo:
+        extra = todo.pop()
+        if extra not in seen:
+            seen.add(extra)
+            for req in map(Requirement, project["optional-dependencies"][extra]):
+                if req.name == project["name"]:
+                    todo += req.extras
+                else:
+                    found.append(req)
+    return found
+
+
+@pytest.mark.parametrize("extras", [{"train"}, {"train", "serve"}])
+def test_install_into_a_recorded_axolotl_0_21_environment_changes_nothing(extras):
+    """The README's command for an existing Axolotl environment, against the one `make compat` recorded
+    (Axolotl 0.21.0, Python 3.12, torch as pip chose it): every requirement that names an installed
+    package admits the installed version, so pip (which upgrades only what a requirement needs)
+    changes nothing there. `make compat` also runs pip's own --dry-run in that environment."""
+    recorded = json.loads((ROOT / "tests" / "data" / "axolotl-0.21.0-py3.12.json").read_text())
+    assert recorded["axolotl"] == "0.21.0"
+    assert not _conflicts(_requirements(extras), recorded), _conflicts(_requirements(extras), recorded)
+    # What it catches: the pins this project had before.
+    assert len(_conflicts([Requirement("axolotl==0.19.0"), Requirement("torch<2.14")], recorded)) == 2
+
+
+def _conflicts(requirements: list[Requirement], installed: dict[str, str]) -> list[str]:
+    """The requirements (for Python 3.12 on x86-64 Linux) that an installed version does not satisfy."""
+    marker_env = {"python_version": "3.12", "python_full_version": "3.12.1", "sys_platform": "linux",
+                  "platform_machine": "x86_64", "platform_system": "Linux", "os_name": "posix",
+                  "implementation_name": "cpython", "extra": ""}
+    found = []
+    for req in requirements:
+        name = canonicalize_name(req.name)
+        if (not req.marker or req.marker.evaluate(marker_env)) and name in installed \
+                and not req.specifier.contains(installed[name], prereleases=True):
+            found.append(f"{req} but {name} {installed[name]} is installed")
+    return found
+
+
+def test_make_compat_refuses_an_interpreter_older_than_axolotl_requires(tmp_path):
+    """`make compat` never forces an install past Requires-Python: on this Python 3.11, Axolotl 0.21
+    (which requires 3.12, read from PyPI's index) is refused in one line, and nothing is built."""
+    if sys.version_info >= (3, 12):
+        pytest.skip("the project's environment is Python 3.11 (make setup); this one already satisfies 0.21")
+    proc = subprocess.run([sys.executable, ROOT / "scripts" / "compat.py", "--axolotl", "0.21.0", "--python",
+                           sys.executable, "--out", tmp_path / "compat"], capture_output=True, text=True, timeout=300)
+    version = ".".join(map(str, sys.version_info[:3]))
+    assert proc.returncode == 2 and proc.stdout == "", proc.stderr
+    assert proc.stderr == (f"compat: axolotl 0.21.0 requires Python >=3.12; {sys.executable} is Python {version} "
+                           f"(give an interpreter that satisfies it with --python)\n")
+    assert not (tmp_path / "compat").exists()
