@@ -85,6 +85,9 @@ def merge_and_quantize(base, adapter, out, quants, force, threads, num_ctx):
 _threads = click.option("--n-threads", "threads", type=int, default=None,
                         help="CPU threads [default: all cores]")
 _n_ctx = click.option("--n-ctx", type=int, default=4096, show_default=True, help="context size in tokens")
+_score_batch = click.option("--score-batch", type=click.IntRange(min=1), default=None, metavar="TOKENS",
+                            help="tokens of preference pairs scored per batch on a GGUF, whole pairs, every "
+                                 "prompt once [default: 512, at most --n-ctx]")
 
 
 @main.command("serve")
@@ -106,8 +109,9 @@ _n_ctx = click.option("--n-ctx", type=int, default=4096, show_default=True, help
               help="seconds a chat or completion may generate; it then ends with finish_reason \"length\"")
 @click.option("--read-timeout", type=click.FloatRange(min=0.1), default=30, show_default=True,
               help="seconds a client has to send its request body")
+@_score_batch
 def serve(model, host, port, api_key, n_ctx, threads, max_pairs, allowed_hosts, cors_origins, request_timeout,
-          read_timeout):
+          read_timeout, score_batch):
     """OpenAI-compatible chat and completions, plus POST /v1/score (chosen vs rejected)."""
     import uvicorn
 
@@ -118,7 +122,7 @@ def serve(model, host, port, api_key, n_ctx, threads, max_pairs, allowed_hosts, 
     try:
         app = create_app(model, api_key=api_key, n_ctx=n_ctx, n_threads=threads, max_pairs=max_pairs,
                          allowed_hosts=hosts, cors_origins=cors_origins, request_timeout=request_timeout,
-                         read_timeout=read_timeout)
+                         read_timeout=read_timeout, score_batch=score_batch)
     except (ServeError, GGUFError, LlamaVersionError) as err:
         raise click.ClickException(str(err)) from None
     if n_ctx > app.state.trained_context > 0:
@@ -140,7 +144,8 @@ def serve(model, host, port, api_key, n_ctx, threads, max_pairs, allowed_hosts, 
 @click.option("--on-bad-row", type=click.Choice(["error", "skip"]), default="error", show_default=True)
 @_n_ctx
 @_threads
-def score(models, pairs_path, report_path, limit, on_bad_row, n_ctx, threads):
+@_score_batch
+def score(models, pairs_path, report_path, limit, on_bad_row, n_ctx, threads, score_batch):
     """Preference accuracy of each MODEL (GGUF file, HF model directory, or a LoRA adapter
     directory from `axolotl train`) on held-out pairs."""
     from orpo_plugin.core.formats import OrpoDataError
@@ -150,7 +155,7 @@ def score(models, pairs_path, report_path, limit, on_bad_row, n_ctx, threads):
 
     try:
         pairs = load_pairs(pairs_path, on_bad_row, limit)
-        report = score_models(list(models), pairs, n_ctx=n_ctx, threads=threads)
+        report = score_models(list(models), pairs, n_ctx=n_ctx, threads=threads, score_batch=score_batch)
     except (OrpoDataError, ScoreError, GGUFError, LlamaVersionError) as err:
         raise click.ClickException(str(err)) from None
     report["pairs_file"] = str(pairs_path)

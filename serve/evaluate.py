@@ -11,7 +11,7 @@ from pathlib import Path
 from orpo_plugin.core.atomic import write_json
 from orpo_plugin.core.rows import load_pairs as load_rows
 from serve.llama import is_gguf
-from serve.scoring import HFScorer, LlamaCppScorer, PairText, ScoreError, score_pair, summarize
+from serve.scoring import SEQUENCES, HFScorer, LlamaCppScorer, PairText, ScoreError, encode_pairs, score_packs, summarize
 
 
 def load_pairs(path: str | Path, on_bad_row: str = "error", limit: int | None = None) -> list[PairText]:
@@ -32,15 +32,16 @@ def model_kind(path: str | Path) -> str:
 
 
 @contextmanager
-def open_model(path: str | Path, n_ctx: int = 4096, threads: int | None = None):
-    """(scorer, tokenizer) for a GGUF (llama.cpp) or an HF directory (transformers, fp32)."""
+def open_model(path: str | Path, n_ctx: int = 4096, threads: int | None = None, score_batch: int | None = None):
+    """(scorer, tokenizer) for a GGUF (llama.cpp; score_batch tokens per llama.cpp scoring batch) or
+    an HF directory (transformers, fp32)."""
     kind = model_kind(path)
     if kind == "gguf":
         from serve.llama import opened
         from serve.scoring import GGUFTokenizer
 
-        with opened(path, n_ctx, threads) as llm:
-            yield LlamaCppScorer(llm), GGUFTokenizer(llm)
+        with opened(path, n_ctx, threads, sequences=SEQUENCES) as llm:
+            yield LlamaCppScorer(llm, pack_tokens=score_batch), GGUFTokenizer(llm)
     else:
         needed = ("torch", "peft") if kind == "adapter" else ("torch",)
         missing = [m for m in needed if importlib.util.find_spec(m) is None]
@@ -63,19 +64,20 @@ def open_model(path: str | Path, n_ctx: int = 4096, threads: int | None = None):
 
 
 def score_models(models: list[str], pairs: list[PairText], n_ctx: int = 4096, threads: int | None = None,
-                 progress: bool = True) -> dict:
+                 progress: bool = True, score_batch: int | None = None) -> dict:
     from tqdm import tqdm
 
     report, reference = {"pairs": len(pairs), "models": []}, None
     for model in models:
         kind = model_kind(model)
-        with open_model(model, n_ctx, threads) as (scorer, tokenizer):
-            results = []
-            for i, pair in enumerate(tqdm(pairs, desc=f"score {Path(model).name}", unit="pair", disable=not progress)):
-                try:
-                    results.append(score_pair(scorer, tokenizer, pair))
-                except ScoreError as err:
-                    raise ScoreError(f"pair {i + 1}: {err}") from None
+        with open_model(model, n_ctx, threads, score_batch) as (scorer, tokenizer):
+            encoded = encode_pairs(scorer, tokenizer, pairs, where=lambda i: f"pair {i + 1}")
+            results = [None] * len(pairs)
+            with tqdm(total=len(pairs), desc=f"score {Path(model).name}", unit="pair", disable=not progress) as bar:
+                for pack, scored in score_packs(scorer, encoded):
+                    for i, result in zip(pack, scored):
+                        results[i] = result
+                    bar.update(len(pack))
         reference = reference or results
         report["models"].append({"model": str(model), "kind": kind,
                                  **summarize(results, reference), "results": results})

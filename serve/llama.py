@@ -6,6 +6,9 @@
   with what is really cached.
 - `Llama._requires_eval`: set after scoring, so that a generation whose prompt is exactly the
   cached tokens decodes its last token again instead of sampling from logits a score left.
+- Scoring several pairs per decode recreates the Llama's context (`Llama._ctx`, `Llama._stack`,
+  `Llama._model`) with `n_seq_max` sequences and a unified KV cache, which Llama's constructor
+  does not take, then decodes through llama.cpp's public C API (`MultiSequence`).
 - The end-of-generation token set (`llama_vocab_is_eog` on `Llama._model.vocab`).
 - `LlamaModel.detokenize` / `token_to_piece` are replaced by versions without a 32-byte limit per
   token, so chat, streaming and completions keep every token's text.
@@ -109,16 +112,37 @@ def settings(path: str | Path, n_ctx: int = 4096, threads: int | None = None, **
                 **extra)
 
 
-def open_gguf(path: str | Path, n_ctx: int = 4096, threads: int | None = None, **extra) -> llama_cpp.Llama:
-    """The one way to load a GGUF with llama.cpp here."""
+def open_gguf(path: str | Path, n_ctx: int = 4096, threads: int | None = None, sequences: int = 1,
+              **extra) -> llama_cpp.Llama:
+    """The one way to load a GGUF with llama.cpp here. sequences > 1: its context holds that many
+    sequences in one KV cache (MultiSequence decodes on them; generation uses sequence 0)."""
     check_version()
     check_gguf(path)
-    return llama_cpp.Llama(**settings(path, n_ctx, threads, **extra))
+    llm = llama_cpp.Llama(**settings(path, n_ctx, threads, **extra))
+    if sequences > 1:
+        _hold_sequences(llm, sequences)
+    return llm
+
+
+def _hold_sequences(llm: llama_cpp.Llama, n_seq_max: int) -> None:
+    """Recreate the Llama's context with n_seq_max sequences in one unified KV cache, where cells
+    can belong to several sequences (an answer's sequence shares its prompt's cells). Llama takes
+    neither setting; the first context is freed before the second is made."""
+    from llama_cpp import _internals
+
+    params = llm.context_params
+    # llama.cpp reserves max(n_seq_max, n_batch) output rows and asserts n_seq_max <= n_batch.
+    params.n_seq_max = min(n_seq_max, llama_cpp.llama_max_parallel_sequences(), llm.n_batch)
+    params.kv_unified = True
+    llm._ctx.close()
+    llm._ctx = llm._stack.enter_context(contextlib.closing(
+        _internals.LlamaContext(model=llm._model, params=params, verbose=llm.verbose)))
+    llm.n_tokens = 0
 
 
 @contextlib.contextmanager
-def opened(path: str | Path, n_ctx: int = 4096, threads: int | None = None, **extra):
-    llm = open_gguf(path, n_ctx, threads, **extra)
+def opened(path: str | Path, n_ctx: int = 4096, threads: int | None = None, sequences: int = 1, **extra):
+    llm = open_gguf(path, n_ctx, threads, sequences, **extra)
     try:
         yield llm
     finally:
@@ -201,6 +225,71 @@ class KVCache:
             self.clear()  # a failed decode may have cached part of a batch: trust nothing
             raise
         return np.concatenate(rows if every_row else rows[-1:])
+
+
+class MultiSequence:
+    """Decodes tokens of several sequences per llama_decode on a Llama opened with sequences > 1
+    (llama.cpp's multi-sequence batch: a token may belong to several sequences, so a prompt decoded
+    once serves every answer after it). Uses llama.cpp's C API (llama_batch_init, llama_decode,
+    llama_get_logits, llama_memory_*) on the Llama's context; KVCache's record of sequence 0 is
+    emptied before and after, so a chat that follows re-decodes its prompt."""
+
+    SEQ_IDS = 2  # sequences one token can belong to: a prompt's two answers
+
+    def __init__(self, llm: llama_cpp.Llama):
+        self.llm, self.cache = llm, KVCache(llm)
+        self.n_seq_max = llama_cpp.llama_n_seq_max(llm._ctx.ctx)
+        self.n_batch = llm.n_batch
+        self.n_vocab = llm.n_vocab()
+        self._batch = llama_cpp.llama_batch_init(self.n_batch, 0, self.SEQ_IDS)
+        batch = self._batch
+        self._token = np.ctypeslib.as_array(batch.token, shape=(self.n_batch,))
+        self._pos = np.ctypeslib.as_array(batch.pos, shape=(self.n_batch,))
+        self._n_seq = np.ctypeslib.as_array(batch.n_seq_id, shape=(self.n_batch,))
+        self._output = np.ctypeslib.as_array(batch.logits, shape=(self.n_batch,))
+        self._seq = [np.ctypeslib.as_array(batch.seq_id[i], shape=(self.SEQ_IDS,)) for i in range(self.n_batch)]
+
+    def close(self) -> None:
+        if self._batch is not None:
+            llama_cpp.llama_batch_free(self._batch)
+            self._batch = None
+
+    def __del__(self):
+        with contextlib.suppress(TypeError, AttributeError):  # at interpreter exit llama_cpp may be gone
+            self.close()
+
+    @property
+    def n_ctx(self) -> int:
+        return self.cache.n_ctx
+
+    def clear(self) -> None:
+        """Empty the KV cache (every sequence) and llama-cpp-python's record of it."""
+        self.cache.clear()
+
+    def release(self, seq: int) -> None:
+        """Free the cells only this sequence holds."""
+        llama_cpp.llama_memory_seq_rm(llama_cpp.llama_get_memory(self.llm._ctx.ctx), seq, -1, -1)
+
+    def decode(self, tokens: np.ndarray, pos: np.ndarray, seqs: np.ndarray, n_seqs: np.ndarray,
+               outputs: np.ndarray) -> np.ndarray:
+        """One llama_decode of at most n_batch tokens: token i at position pos[i] in sequences
+        seqs[i, :n_seqs[i]]; returns the logits [outputs.sum(), vocab] (float32, a view valid until
+        the next decode) of the tokens where outputs is true, in batch order."""
+        n = len(tokens)
+        if not 0 < n <= self.n_batch:
+            raise ValueError(f"a decode takes 1 to {self.n_batch} tokens, not {n}")
+        self._batch.n_tokens = n
+        self._token[:n], self._pos[:n], self._n_seq[:n], self._output[:n] = tokens, pos, n_seqs, outputs
+        for i in range(n):
+            self._seq[i][:n_seqs[i]] = seqs[i, :n_seqs[i]]
+        self.llm._requires_eval = True
+        code = llama_cpp.llama_decode(self.llm._ctx.ctx, self._batch)
+        if code != 0:
+            self.clear()
+            why = "no room in the KV cache" if code == 1 else "the batch was refused (token, position or sequence id)"
+            raise RuntimeError(f"llama_decode failed ({code}) on {n} tokens: {why}")
+        n_out = int(np.count_nonzero(outputs))
+        return np.ctypeslib.as_array(llama_cpp.llama_get_logits(self.llm._ctx.ctx), shape=(n_out, self.n_vocab))
 
 
 def is_end_of_generation(llm: llama_cpp.Llama, token: int) -> bool:

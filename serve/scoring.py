@@ -18,7 +18,7 @@ import numpy as np
 from orpo_plugin.core import odds
 from orpo_plugin.core.chat_template import render as render_template
 from orpo_plugin.core.formats import OrpoDataError
-from orpo_plugin.core.logprobs import target_logprobs
+from orpo_plugin.core.logprobs import logsumexp, target_logprobs
 from orpo_plugin.core.tokenize import tokenize_pair
 
 
@@ -85,19 +85,77 @@ def encode_pair(tokenizer, pair: PairText) -> tuple[list[int], list[int], list[i
 
 
 # -- log-probs of answer tokens ---------------------------------------------------------------
-class LlamaCppScorer:
-    """Scores on a loaded llama_cpp.Llama without its n_ctx x vocab logits buffer: the decode
-    returns logits for the answer rows only, consumed batch by batch."""
+SEQUENCES = 128  # KV cache sequences a scoring Llama is opened with (open_gguf): 64 pairs per batch
 
-    def __init__(self, llm):
-        from serve.llama import KVCache
+
+def pair_tokens(prompt: list[int], chosen: list[int], rejected: list[int]) -> int:
+    """Tokens (and KV cells) a pair takes when both answers sit on one prompt: the prompt, and each
+    answer but its last token (whose logits nothing reads)."""
+    return len(prompt) + len(chosen) + len(rejected) - 2
+
+
+class Scorer:
+    """One pair per pack, both answers through answer_logprobs (what a scorer without batching does)."""
+
+    n_ctx: int
+
+    def plan(self, pairs: list[tuple]) -> list[list[int]]:
+        return [[i] for i in range(len(pairs))]
+
+    def score_pack(self, pairs: list[tuple]) -> list[tuple[np.ndarray, np.ndarray]]:
+        return [tuple(self.answer_logprobs(p, [c, r])) for p, c, r in pairs]
+
+
+class LlamaCppScorer(Scorer):
+    """Scores on a loaded llama_cpp.Llama without its n_ctx x vocab logits buffer: decodes return
+    logits for the answer rows only, consumed batch by batch.
+
+    On a Llama opened with sequences > 1 (serve.llama.open_gguf), pairs are scored in packs: each
+    pack is one KV cache's worth of whole pairs, decoded n_batch tokens per llama_decode, every
+    prompt once in both of its answers' sequences. Packs hold up to pack_tokens tokens (default:
+    n_batch, at most n_ctx) and n_seq_max / 2 pairs. Every cell of the cache takes part in every
+    token's attention (masked where it is another sequence's), so larger packs cost more than they
+    gain once a decode is full (BENCHMARKS.md). A pair whose two answers do not fit the context
+    together is scored alone, one answer after the other."""
+
+    def __init__(self, llm, pack_tokens: int | None = None):
+        from serve.llama import KVCache, MultiSequence
 
         self.cache = KVCache(llm)
         self.n_ctx = self.cache.n_ctx
+        self.multi = MultiSequence(llm)
+        self.pack_tokens = min(pack_tokens or self.multi.n_batch, self.n_ctx)
+        if self.multi.n_seq_max < 2:  # opened without sequences: one pair at a time
+            self.multi = self.multi.close()
+
+    def plan(self, pairs: list[tuple]) -> list[list[int]]:
+        """Indices of the pairs (prompt, chosen, rejected) in each pack, in order."""
+        if self.multi is None:
+            return super().plan(pairs)
+        packs, current, size = [], [], 0
+        for i, pair in enumerate(pairs):
+            tokens = pair_tokens(*pair)
+            if current and (size + tokens > self.pack_tokens or 2 * (len(current) + 1) > self.multi.n_seq_max
+                            or tokens > self.n_ctx):
+                packs.append(current)
+                current, size = [], 0
+            current.append(i)
+            size += tokens
+            if tokens > self.n_ctx:  # on its own, one answer at a time
+                packs.append(current)
+                current, size = [], 0
+        return packs + [current] if current else packs
+
+    def score_pack(self, pairs: list[tuple]) -> list[tuple[np.ndarray, np.ndarray]]:
+        """(chosen, rejected) per-token log-probs of each pair of one pack (from plan)."""
+        if self.multi is None or (len(pairs) == 1 and pair_tokens(*pairs[0]) > self.n_ctx):
+            return super().score_pack(pairs)
+        return _decode_pack(self.multi, pairs)
 
     def answer_logprobs(self, prompt: list[int], answers: list[list[int]], reuse_prompt: bool = True):
-        """Per-token log-probs of each answer after the prompt. reuse_prompt=False evaluates
-        every full sequence from scratch (the reference the KV reuse is tested against)."""
+        """Per-token log-probs of each answer after the prompt, one answer after the other on
+        sequence 0. reuse_prompt=False evaluates every full sequence from scratch (the reference
+        the KV reuse is tested against)."""
         cache, out = self.cache, []
         cache.clear()
         last = cache.decode(prompt, every_row=False) if reuse_prompt else None
@@ -112,7 +170,60 @@ class LlamaCppScorer:
         return out
 
 
-class HFScorer:
+def _pack_layout(pairs: list[tuple]):
+    """The tokens of a pack in decode order (pair by pair: prompt in both answers' sequences 2k and
+    2k + 1, then the chosen answer in 2k, the rejected in 2k + 1), which of them return logits,
+    and for each answer token the logits row and token its log-prob reads."""
+    tokens, pos, seqs, n_seqs, outputs, pick_row, pick_token, bounds = [], [], [], [], [], [], [], []
+    row = 0
+    for k, (prompt, chosen, rejected) in enumerate(pairs):
+        n_p = len(prompt)
+        for part, seq_ids, first in ((prompt, (2 * k, 2 * k + 1), 0), (chosen[:-1], (2 * k, 0), n_p),
+                                     (rejected[:-1], (2 * k + 1, 0), n_p)):
+            is_prompt = first == 0
+            tokens.append(np.asarray(part, dtype=np.int32))
+            pos.append(np.arange(first, first + len(part), dtype=np.int32))
+            seqs.append(np.tile(np.asarray(seq_ids, dtype=np.int32), (len(part), 1)))
+            n_seqs.append(np.full(len(part), 2 if is_prompt else 1, dtype=np.int32))
+            out = np.zeros(len(part), dtype=np.int8)
+            out[-1 if is_prompt else slice(None)] = 1
+            outputs.append(out)
+        last = row  # the prompt's last row predicts each answer's first token
+        rows_c = np.concatenate([[last], last + 1 + np.arange(len(chosen) - 1)])
+        rows_r = np.concatenate([[last], last + len(chosen) + np.arange(len(rejected) - 1)])
+        pick_row += [rows_c, rows_r]
+        pick_token += [np.asarray(chosen), np.asarray(rejected)]
+        bounds += [len(chosen), len(rejected)]
+        row += len(chosen) + len(rejected) - 1
+    cat = np.concatenate
+    return (cat(tokens), cat(pos), cat(seqs), cat(n_seqs), cat(outputs), cat(pick_row).astype(np.int64),
+            cat(pick_token).astype(np.int64), np.cumsum([0] + bounds))
+
+
+def _decode_pack(multi, pairs: list[tuple]) -> list[tuple[np.ndarray, np.ndarray]]:
+    tokens, pos, seqs, n_seqs, outputs, pick_row, pick_token, bounds = _pack_layout(pairs)
+    picked = np.empty(len(pick_row), dtype=np.float64)
+    multi.clear()
+    try:
+        first_row = 0
+        for start in range(0, len(tokens), multi.n_batch):
+            end = start + multi.n_batch
+            logits = multi.decode(tokens[start:end], pos[start:end], seqs[start:end], n_seqs[start:end],
+                                  outputs[start:end])
+            mine = np.flatnonzero((pick_row >= first_row) & (pick_row < first_row + len(logits)))
+            for block in range(0, len(mine), 64):  # float64 a few rows at a time: vocabularies are large
+                picks = mine[block:block + 64]
+                rows, inverse = np.unique(pick_row[picks] - first_row, return_inverse=True)
+                wide = logits[rows].astype(np.float64)
+                picked[picks] = wide[inverse, pick_token[picks]] - logsumexp(wide)[inverse]
+            first_row += len(logits)
+    finally:
+        multi.clear()
+    answers = [picked[bounds[i]:bounds[i + 1]] for i in range(len(bounds) - 1)]
+    return list(zip(answers[0::2], answers[1::2]))
+
+
+class HFScorer(Scorer):
     """Transformers reference: both full sequences in one right-padded batch, fp32."""
 
     def __init__(self, model):
@@ -139,20 +250,47 @@ def _answer(logprobs: np.ndarray) -> dict:
     return {"logprob": float(logprobs.sum()), "avg_logprob": float(logprobs.mean()), "n_tokens": int(len(logprobs))}
 
 
-def score_ids(scorer, prompt: list[int], chosen: list[int], rejected: list[int], reuse_prompt: bool = True) -> dict:
+def check_fits(scorer, prompt: list[int], chosen: list[int], rejected: list[int]) -> None:
     need = len(prompt) + max(len(chosen), len(rejected))
     if need > scorer.n_ctx:
         raise ScoreError(f"the pair needs {need} tokens (prompt {len(prompt)}, longest answer "
                          f"{max(len(chosen), len(rejected))}) but the context holds {scorer.n_ctx}; "
                          f"shorten it or restart with a larger --n-ctx")
-    lp_chosen, lp_rejected = scorer.answer_logprobs(prompt, [chosen, rejected], reuse_prompt=reuse_prompt)
+
+
+def pair_result(lp_chosen: np.ndarray, lp_rejected: np.ndarray) -> dict:
     c, r = _answer(lp_chosen), _answer(lp_rejected)
     z = float(odds.log_odds_ratio(np.float64(c["avg_logprob"]), np.float64(r["avg_logprob"])))
     return {"chosen": c, "rejected": r, "log_odds_ratio": z, "preferred": odds.preferred(z)}
 
 
+def score_ids(scorer, prompt: list[int], chosen: list[int], rejected: list[int], reuse_prompt: bool = True) -> dict:
+    """One pair on its own (the one-pair path the packs are tested against)."""
+    check_fits(scorer, prompt, chosen, rejected)
+    return pair_result(*scorer.answer_logprobs(prompt, [chosen, rejected], reuse_prompt=reuse_prompt))
+
+
 def score_pair(scorer, tokenizer, pair: PairText, reuse_prompt: bool = True) -> dict:
     return score_ids(scorer, *encode_pair(tokenizer, pair), reuse_prompt=reuse_prompt)
+
+
+def encode_pairs(scorer, tokenizer, pairs: list[PairText], where=None) -> list[tuple]:
+    """Each pair tokenized and checked against the context; an error names the pair by where(i)."""
+    encoded = []
+    for i, pair in enumerate(pairs):
+        try:
+            encoded.append(encode_pair(tokenizer, pair))
+            check_fits(scorer, *encoded[-1])
+        except ScoreError as err:
+            raise ScoreError(f"{where(i)}: {err}" if where else str(err)) from None
+    return encoded
+
+
+def score_packs(scorer, encoded: list[tuple]):
+    """Yields (indices, results) pack by pack (scorer.plan): a server lends the model to other
+    requests between two packs."""
+    for pack in scorer.plan(encoded):
+        yield pack, [pair_result(*lps) for lps in scorer.score_pack([encoded[i] for i in pack])]
 
 
 def summarize(results: list[dict], reference: list[dict] | None = None) -> dict:

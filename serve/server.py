@@ -44,9 +44,11 @@ from serve.generate import Outcome, Sampling, complete, generate
 from serve.scoring import (
     GGUFTokenizer,
     LlamaCppScorer,
+    SEQUENCES,
     PairText,
     ScoreError,
-    score_pair,
+    encode_pairs,
+    pair_result,
 )
 
 MAX_PAIRS = 64  # per /v1/score request
@@ -236,12 +238,12 @@ class Engine:
     arrival order; if the waiting request is cancelled (client gone, shutdown), the function's
     stop event is set, and the model is lent again only after the function returned."""
 
-    def __init__(self, llm, name: str, request_timeout: float):
+    def __init__(self, llm, name: str, request_timeout: float, score_batch: int | None = None):
         self.llm, self.name, self.request_timeout = llm, name, request_timeout
         self.lock = asyncio.Lock()
         self.closing = threading.Event()
         self.tokenizer = GGUFTokenizer(llm)
-        self.scorer = LlamaCppScorer(llm)
+        self.scorer = LlamaCppScorer(llm, pack_tokens=score_batch)
 
     def stopper(self, stop: threading.Event) -> Callable[[], bool]:
         """True once stop is set, the server is closing, or request_timeout has passed from now."""
@@ -415,16 +417,18 @@ def _sse(event) -> str:
 def create_app(model_path: str | Path, *, api_key: str | None = None, n_ctx: int = 4096, n_threads: int | None = None,
                max_pairs: int = MAX_PAIRS, max_body_bytes: int = MAX_BODY_BYTES,
                allowed_hosts: tuple[str, ...] = LOCAL_HOSTS, cors_origins: tuple[str, ...] = (),
-               read_timeout: float = READ_TIMEOUT, request_timeout: float = REQUEST_TIMEOUT) -> FastAPI:
+               read_timeout: float = READ_TIMEOUT, request_timeout: float = REQUEST_TIMEOUT,
+               score_batch: int | None = None) -> FastAPI:
     """The app. Only requests whose Host header names one of allowed_hosts ("*": any) are served;
-    CORS is off unless cors_origins names the origins whose pages may call it."""
+    CORS is off unless cors_origins names the origins whose pages may call it. score_batch: tokens
+    per scoring batch (LlamaCppScorer's pack_tokens); other requests wait at most one batch."""
     model_path = llama.check_gguf(model_path)
     llama.check_version()
     try:
-        llm = llama.open_gguf(model_path, n_ctx, n_threads)
+        llm = llama.open_gguf(model_path, n_ctx, n_threads, sequences=SEQUENCES)
     except (ValueError, RuntimeError) as err:
         raise ServeError(f"{model_path}: llama.cpp could not load it ({err})") from None
-    engine = Engine(llm, model_path.name, request_timeout)
+    engine = Engine(llm, model_path.name, request_timeout, score_batch)
     created = int(model_path.stat().st_mtime)
     grammar_error = functools.lru_cache(maxsize=256)(lambda grammar: llama.grammar_error(model_path, grammar))
 
@@ -561,11 +565,26 @@ def create_app(model_path: str | Path, *, api_key: str | None = None, n_ctx: int
         """Log-probs of a chosen and a rejected answer after a prompt, as training computed them,
         and which the model prefers; {"pairs": [...]} scores up to --max-pairs in one request."""
         pairs, batch = parse_score_request(http.scope["state"]["json"], max_pairs)
+        where = (lambda i: f"pairs[{i}]") if batch else None
         try:
-            results = await engine.run(lambda: _score_all(engine.scorer, engine.tokenizer, pairs, batch),
+            encoded = await engine.run(lambda: encode_pairs(engine.scorer, engine.tokenizer, pairs, where),
                                        threading.Event())
         except ScoreError as err:
             return _error(422, str(err))
+        # Batch by batch, each its own turn with the model: requests that came meanwhile go between
+        # two batches. A client that leaves stops the rest.
+        stop, results = threading.Event(), [None] * len(pairs)
+        watcher = asyncio.create_task(_set_on_disconnect(http, stop))
+        try:
+            for pack in engine.scorer.plan(encoded):
+                if stop.is_set():
+                    return _error(499, "the client closed the request")
+                scored = await engine.run(lambda pack=pack: engine.scorer.score_pack([encoded[i] for i in pack]),
+                                          stop)
+                for i, logprobs in zip(pack, scored):
+                    results[i] = pair_result(*logprobs)
+        finally:
+            watcher.cancel()
         return {"results": results} if batch else results[0]
 
     @app.exception_handler(RequestError)
@@ -626,11 +645,3 @@ def _add_schemas(app: FastAPI) -> None:
     app.openapi = openapi
 
 
-def _score_all(scorer, tokenizer, pairs: list[PairText], batch: bool) -> list[dict]:
-    results = []
-    for i, pair in enumerate(pairs):
-        try:
-            results.append(score_pair(scorer, tokenizer, pair))
-        except ScoreError as err:
-            raise ScoreError(f"pairs[{i}]: {err}" if batch else str(err)) from None
-    return results
