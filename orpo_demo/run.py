@@ -1,9 +1,11 @@
 """`make demo`: the whole job on the embedded default, through the same commands a user runs.
 
 build the tiny model and the unit-conversion pairs -> `axolotl train` -> `axolotl
-merge-and-quantize` (f16, q8_0, q4_k_m) -> `orpo serve` (one /v1/score, one chat) -> `orpo score`
-on the held-out pairs for the base, the trained adapter and each GGUF -> greedy answers to
-held-out questions -> `orpo plot` -> one summary table (also OUT/summary.json).
+merge-and-quantize` (f16, q8_0, q4_k_m, each scored on the held-out pairs; the Modelfile on the
+smallest that keeps 99% of the merged model's preference accuracy) -> `orpo serve` (one
+/v1/score, one chat) -> `orpo score` on the held-out pairs for the base and the trained adapter
+-> greedy answers to held-out questions -> `orpo plot` -> one summary table (also
+OUT/summary.json).
 
     python -m orpo_demo [--out build/demo] [--steps N]
 """
@@ -23,6 +25,7 @@ from orpo_demo.env import BIN, offline_env
 from orpo_plugin.core.atomic import write_json
 
 QUANTS = ("f16", "q8_0", "q4_k_m")
+KEEP_ACCURACY = 0.99  # of the merged model's preference accuracy, for the file the Modelfile uses
 CONFIG = "tiny-cpu.yml"  # shipped in this package; example_configs/tiny-cpu.yml links to it
 
 
@@ -139,7 +142,10 @@ def run(out: Path, steps: int | None, eval_pairs: int, questions: int) -> dict:
 
     stage("axolotl merge-and-quantize")
     quant_args = [a for q in QUANTS for a in ("--quant", q)]
-    _run(BIN / "axolotl", "merge-and-quantize", config, *quant_args, "--force", cwd=out, log=logs / "export.log")
+    # The held-out pairs are the config's test_datasets: each file's preference accuracy comes from
+    # the export, and the Modelfile uses the smallest file that keeps 99% of the merged model's.
+    _run(BIN / "axolotl", "merge-and-quantize", config, *quant_args, "--eval-limit", eval_pairs,
+         "--keep-accuracy", KEEP_ACCURACY, "--force", cwd=out, log=logs / "export.log")
     done("axolotl merge-and-quantize")
     gguf_dir = out / "output" / "gguf"
     export = json.loads((gguf_dir / "export_report.json").read_text())
@@ -152,13 +158,14 @@ def run(out: Path, steps: int | None, eval_pairs: int, questions: int) -> dict:
     done("orpo serve (score 3 pairs, 3 chats)")
 
     models = [("base (untrained)", out / "tiny" / "model", "hf"), ("trained (HF + LoRA)", out / "output", "adapter")]
-    models += [(f"GGUF {q}", gguf_dir / f"model-{q}.gguf", "gguf") for q in QUANTS]
-    stage("orpo score")
+    stage("orpo score (base and adapter)")
     report_path = out / "score_report.json"
     _run(BIN / "orpo", "score", *[m[1] for m in models], "--pairs", out / "tiny" / "data" / "eval.jsonl",
          "--limit", eval_pairs, "--report", report_path, cwd=out, log=logs / "score.log")
-    done("orpo score")
+    done("orpo score (base and adapter)")
     scored = json.loads(report_path.read_text())["models"]
+    models += [(f"GGUF {q}", gguf_dir / f"model-{q}.gguf", "gguf") for q in QUANTS]
+    scored += [export["preference"]["models"][q] for q in QUANTS]  # from the export's own check
 
     stage("greedy answers")
     asked = held_out[:questions]
@@ -178,7 +185,8 @@ def run(out: Path, steps: int | None, eval_pairs: int, questions: int) -> dict:
     done("orpo plot")
 
     summary = {"models": rows, "stages_s": stages, "served": served, "plot": str(png),
-               "export_failed_checks": export["failed_checks"], "targets": targets(rows, export)}
+               "export_failed_checks": export["failed_checks"], "modelfile_from": export["modelfile"]["from"],
+               "modelfile_choice": export["preference"]["choice"], "targets": targets(rows, export)}
     write_json(out / "summary.json", summary)
     return summary
 
@@ -211,6 +219,7 @@ def main(argv=None):
         print(f"  {question!r} -> {reply!r}")
     print()
     print(summary_table(summary["models"], summary["stages_s"]))
+    print(f"\nmerge-and-quantize --keep-accuracy {KEEP_ACCURACY}: {summary['modelfile_choice']}")
     print()
     for target, met in summary["targets"].items():
         print(f"{'met' if met else 'NOT MET'}: {target}")

@@ -19,18 +19,39 @@ def _interrupt(signum, frame):
     raise KeyboardInterrupt
 
 
-def _run_export(base, adapter, out, quants, force, threads, num_ctx):
+def _held_out(files: list[str], limit: int, on_bad_row: str) -> list:
+    """Up to `limit` preference pairs from these files, in order (any format training reads)."""
+    from orpo_plugin.core.formats import OrpoDataError
+    from serve.evaluate import load_pairs
+
+    pairs = []
+    for path in files:
+        if len(pairs) >= limit:
+            break
+        try:
+            pairs += load_pairs(path, on_bad_row, limit - len(pairs))
+        except OrpoDataError as err:
+            raise click.ClickException(str(err)) from None
+    return pairs
+
+
+def _run_export(base, adapter, out, quants, force, threads, num_ctx, eval_pairs, eval_limit, keep_accuracy,
+                on_bad_row, held_out=()):
+    """held_out: the pair files to use when --eval-pairs is not given (the config's test_datasets)."""
     import signal
 
     from serve.convert import ConversionError
     from serve.export import ExportError, export, report_table, stage_table
     from serve.merge import MergeError
+    from serve.preference import table as preference_table
     from serve.quantize import QuantizeError
 
+    pairs = _held_out([eval_pairs] if eval_pairs else list(held_out), eval_limit, on_bad_row)
     signal.signal(signal.SIGTERM, _interrupt)  # like Ctrl-C: temporary files are removed on the way out
     try:
         report = export(base, adapter, out, list(quants), force=force, threads=threads, num_ctx=num_ctx,
-                        progress=lambda msg: click.echo(f"orpo: {msg}", err=True))
+                        progress=lambda msg: click.echo(f"orpo: {msg}", err=True), eval_pairs=pairs,
+                        keep_accuracy=keep_accuracy)
     except KeyboardInterrupt:
         click.echo(f"orpo: interrupted; no temporary file is left in {out}, and files already complete keep "
                    f"their names", err=True)
@@ -46,11 +67,20 @@ def _run_export(base, adapter, out, quants, force, threads, num_ctx):
     click.echo(report_table(report))
     if not report["logits"]["checked"]:
         click.echo(f"orpo: logits not checked end to end: {report['logits']['why']}", err=True)
+    if "models" in report["preference"]:
+        click.echo(preference_table(report["preference"], report["files"]))
+        if "choice" in report["preference"]:
+            click.echo(f"orpo: {report['preference']['choice']}", err=True)
+    else:
+        click.echo(f"orpo: preference not checked: {report['preference']['why']}", err=True)
     click.echo(f"wrote {out}/ (Modelfile: FROM ./{report['modelfile']['from']}; export_report.json)")
     for line in report["failed_checks"]:
         click.echo(f"orpo: CHECK FAILED: {line}", err=True)
 
 
+_on_bad_row = click.option("--on-bad-row", type=click.Choice(["error", "skip"]), default="error",
+                           show_default=True, help="a row that is not a preference pair: stop, naming its file and "
+                                                   "line, or skip it")
 _options = [
     click.option("--quant", "quants", multiple=True, default=DEFAULT_QUANTS, show_default=True,
                  help="GGUF type to write; repeat for several (f32, f16, bf16, q8_0, q4_k_m, q5_k_m, q6_k, ...)"),
@@ -58,6 +88,15 @@ _options = [
                  "Modelfile, export_report.json); nothing else there is touched"),
     click.option("--threads", type=int, default=max(1, (os.cpu_count() or 2)), show_default=True),
     click.option("--num-ctx", type=int, default=4096, show_default=True, help="num_ctx in the Modelfile"),
+    click.option("--eval-pairs", type=click.Path(exists=True, dir_okay=False), default=None,
+                 help="held-out preference pairs (any format training reads): preference accuracy of the merged "
+                      "model and of each file"),
+    click.option("--eval-limit", type=click.IntRange(min=0), default=200, show_default=True,
+                 help="score the first N held-out pairs (0: none)"),
+    click.option("--keep-accuracy", type=click.FloatRange(min=0, max=1, min_open=True), default=None,
+                 help="make the Modelfile use the smallest file that keeps this share of the merged model's "
+                      "preference accuracy (e.g. 0.99); needs held-out pairs"),
+    _on_bad_row,
 ]
 
 
@@ -77,9 +116,9 @@ def main():
 @click.option("--adapter", default=None, help="LoRA adapter directory (omit for a full fine-tune)")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="output directory")
 @_with_options
-def merge_and_quantize(base, adapter, out, quants, force, threads, num_ctx):
+def merge_and_quantize(base, adapter, out, **options):
     """Merge the LoRA, write GGUF, quantize, write a Modelfile and a parity report."""
-    _run_export(base, adapter, out, quants, force, threads, num_ctx)
+    _run_export(base, adapter, out, **options)
 
 
 _threads = click.option("--n-threads", "threads", type=int, default=None,
@@ -141,7 +180,7 @@ def serve(model, host, port, api_key, n_ctx, threads, max_pairs, allowed_hosts, 
 @click.option("--report", "report_path", type=click.Path(dir_okay=False), default=None,
               help="write every pair's scores and the summaries as JSON")
 @click.option("--limit", type=int, default=None, help="score the first N pairs only")
-@click.option("--on-bad-row", type=click.Choice(["error", "skip"]), default="error", show_default=True)
+@_on_bad_row
 @_n_ctx
 @_threads
 @_score_batch
@@ -203,8 +242,9 @@ def plot(output_dir, out):
 @click.argument("config", type=click.Path(exists=True, dir_okay=False))
 @click.option("--out", default=None, help="output directory [default: OUTPUT_DIR/gguf]")
 @_with_options
-def axolotl_merge_and_quantize(config, out, quants, force, threads, num_ctx):
-    """Export the model an Axolotl config trained: base_model + the adapter in output_dir."""
+def axolotl_merge_and_quantize(config, out, quants, **options):
+    """Export the model an Axolotl config trained: base_model + the adapter in output_dir; its
+    test_datasets (local files) are the held-out pairs unless --eval-pairs names others."""
     import yaml
 
     cfg = yaml.safe_load(Path(config).read_text()) or {}
@@ -216,7 +256,22 @@ def axolotl_merge_and_quantize(config, out, quants, force, threads, num_ctx):
     base = cfg["base_model"] if adapter else output_dir  # a full fine-tune saved its weights there
     if click.get_current_context().get_parameter_source("quants") is click.core.ParameterSource.DEFAULT:
         quants = _export_block_quants(config, cfg.get("export")) or quants
-    _run_export(base, adapter, out or output_dir / "gguf", quants, force, threads, num_ctx)
+    _run_export(base, adapter, out or output_dir / "gguf", quants, **options,
+                held_out=_test_dataset_files(config, cfg.get("test_datasets")))
+
+
+def _test_dataset_files(config, entries) -> list[str]:
+    """The local files among the config's test_datasets; the others (hub datasets, directories) are
+    named in one line each and left out."""
+    files = []
+    for i, entry in enumerate(entries or []):
+        path = entry.get("path") if isinstance(entry, dict) else None
+        if path and Path(path).is_file():
+            files.append(path)
+        else:
+            click.echo(f"orpo: {config}: test_datasets[{i}] ({path}) is not a local file; the preference check "
+                       f"leaves it out (pass --eval-pairs FILE)", err=True)
+    return files
 
 
 def _export_block_quants(config, block) -> list[str]:

@@ -63,21 +63,27 @@ def open_model(path: str | Path, n_ctx: int = 4096, threads: int | None = None, 
         yield HFScorer(model.eval()), AutoTokenizer.from_pretrained(str(path))
 
 
-def score_models(models: list[str], pairs: list[PairText], n_ctx: int = 4096, threads: int | None = None,
-                 progress: bool = True, score_batch: int | None = None) -> dict:
+def score_all(scorer, tokenizer, pairs: list[PairText], desc: str, progress: bool = True) -> list[dict]:
+    """Every pair's scores on one model, in the pairs' order (batched where the scorer batches)."""
     from tqdm import tqdm
 
+    encoded = encode_pairs(scorer, tokenizer, pairs, where=lambda i: f"pair {i + 1}")
+    results = [None] * len(pairs)
+    with tqdm(total=len(pairs), desc=desc, unit="pair", disable=not progress) as bar:
+        for pack, scored in score_packs(scorer, encoded):
+            for i, result in zip(pack, scored):
+                results[i] = result
+            bar.update(len(pack))
+    return results
+
+
+def score_models(models: list[str], pairs: list[PairText], n_ctx: int = 4096, threads: int | None = None,
+                 progress: bool = True, score_batch: int | None = None) -> dict:
     report, reference = {"pairs": len(pairs), "models": []}, None
     for model in models:
         kind = model_kind(model)
         with open_model(model, n_ctx, threads, score_batch) as (scorer, tokenizer):
-            encoded = encode_pairs(scorer, tokenizer, pairs, where=lambda i: f"pair {i + 1}")
-            results = [None] * len(pairs)
-            with tqdm(total=len(pairs), desc=f"score {Path(model).name}", unit="pair", disable=not progress) as bar:
-                for pack, scored in score_packs(scorer, encoded):
-                    for i, result in zip(pack, scored):
-                        results[i] = result
-                    bar.update(len(pack))
+            results = score_all(scorer, tokenizer, pairs, f"score {Path(model).name}", progress)
         reference = reference or results
         report["models"].append({"model": str(model), "kind": kind,
                                  **summarize(results, reference), "results": results})

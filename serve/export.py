@@ -20,7 +20,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from orpo_plugin.core.atomic import remove_stale, scratch_path, write_json
-from serve import memory, parity
+from serve import memory, parity, preference
 from serve.checkpoint import CheckpointError, model_directory, parameters
 from serve.convert import OUT_TYPES, F16RangeError, convert
 from serve.merge import merged
@@ -104,8 +104,15 @@ class Stages:
 
 
 def export(base: str | Path, adapter: str | Path | None, out_dir: str | Path, quants: list[str],
-           force: bool = False, threads: int = 2, num_ctx: int = 4096, progress=print) -> dict:
+           force: bool = False, threads: int = 2, num_ctx: int = 4096, progress=print,
+           eval_pairs: list | None = None, keep_accuracy: float | None = None) -> dict:
+    """eval_pairs: held-out preference pairs (serve.scoring.PairText) scored on the merged model and
+    every file; keep_accuracy: the Modelfile then uses the smallest file keeping that share of the
+    merged model's preference accuracy."""
     out_dir = Path(out_dir)
+    if keep_accuracy is not None and not eval_pairs:
+        raise ExportError("--keep-accuracy needs held-out preference pairs: pass --eval-pairs FILE (axolotl "
+                          "merge-and-quantize also reads the config's test_datasets)")
     quants = check_request(out_dir, quants, force, base, adapter)
     try:
         source = merged(model_directory(base), adapter)
@@ -145,14 +152,26 @@ def export(base: str | Path, adapter: str | Path | None, out_dir: str | Path, qu
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(str(source.tokenizer_dir))
-        report = _check(source, tokenizer, files, tensors, threads, stages)
+        # The merged model in transformers, built once for the logits check and the preference check.
+        hf = parity.reference_model(source) if eval_pairs and parity.logits_left_out(source) is None else None
+        report = _check(source, tokenizer, files, tensors, threads, stages, hf)
+        written = {q: {"path": p.name, "bytes": p.stat().st_size} for q, p in files.items()}
         chosen = next((q for q in PREFERRED_FOR_MODELFILE if q in files), quants[0])
+        if eval_pairs:
+            with stages(f"score {len(eval_pairs)} held-out pairs on the merged model and each file"):
+                report["preference"] = preference.check(source, tokenizer, files, eval_pairs, threads, hf)
+            del hf
+            if keep_accuracy is not None:
+                chosen, line = preference.choose(report["preference"], written, keep_accuracy)
+                report["preference"].update(keep_accuracy=keep_accuracy, chosen=written[chosen]["path"], choice=line)
+        else:
+            report["preference"] = {"checked": False, "why": "no held-out pairs (--eval-pairs FILE, or test_datasets "
+                                                             "in the Axolotl config)"}
         write_modelfile(out_dir, files[chosen].name, tokenizer.chat_template, num_ctx, tokenizer.eos_token or "</s>",
                         tokenizer.bos_token)
     report.update({
         "base": str(base), "adapter": str(adapter) if adapter else None, "stages": stages.rows,
-        "files": {q: {"path": p.name, "bytes": p.stat().st_size} for q, p in files.items()},
-        "modelfile": {"from": files[chosen].name},
+        "files": written, "modelfile": {"from": files[chosen].name},
     })
     report["failed_checks"] = failures(report)
     write_json(out_dir / "export_report.json", report)
@@ -173,13 +192,13 @@ def _intermediate(source, path: Path, stages, tensors: dict) -> tuple[Path, str]
     raise AssertionError("bf16 holds every float32")
 
 
-def _check(source, tokenizer, files: dict[str, Path], tensors: dict, threads: int, stages) -> dict:
+def _check(source, tokenizer, files: dict[str, Path], tensors: dict, threads: int, stages, hf=None) -> dict:
     texts = parity.sample_texts(tokenizer)
     report = {"texts": len(texts), "tensors": tensors, "models": {}}
     left_out = parity.logits_left_out(source)
     fits = left_out is None
     with stages("check tokens" + (" and logits against the merged model" if fits else "")):
-        found = parity.logits(source, tokenizer, texts, files, threads) if fits else {}
+        found = parity.logits(source, tokenizer, texts, files, threads, hf) if fits else {}
         for quant, path in files.items():
             model = {"tokens_identical": parity.same_tokens(path, tokenizer, texts), "tensors_ok": tensors[quant]["ok"]}
             if quant in found:

@@ -170,14 +170,14 @@ def _long_check(kl: np.ndarray, quant: str) -> dict:
             "ok": bound is None or float(kl.mean()) <= bound}
 
 
-def logits(source, tokenizer, texts: list[str], gguf_paths: dict[str, Path], threads: int) -> dict:
-    """Next-token log-probs of each GGUF against the merged model: {quant: {max_abs_logprob_diff,
-    mean_kl, long}}."""
+def logits(source, tokenizer, texts: list[str], gguf_paths: dict[str, Path], threads: int, hf=None) -> dict:
+    """Next-token log-probs of each GGUF against the merged model (hf: it, already built): {quant:
+    {max_abs_logprob_diff, mean_kl, long}}."""
     import torch
 
     from serve.llama import KVCache, opened
 
-    hf = reference_model(source)
+    hf = hf or reference_model(source)
     encoded = [tokenizer(t, add_special_tokens=True)["input_ids"] for t in texts]
     long_ids = _long_ids(tokenizer, hf.config.max_position_embeddings)
     with torch.no_grad():

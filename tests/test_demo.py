@@ -48,7 +48,19 @@ def test_demo_pipeline_end_to_end(tmp_path, installed):
     served = summary["served"]
     assert len(served["scores"]) == 3 and all(s["preferred"] in ("chosen", "rejected") for s in served["scores"])
     assert len(served["chats"]) == 3
-    assert set(summary["stages_s"]) >= {"axolotl train", "axolotl merge-and-quantize", "orpo score", "orpo plot"}
+    assert set(summary["stages_s"]) >= {"axolotl train", "axolotl merge-and-quantize", "orpo score (base and adapter)",
+                                        "orpo plot"}
+    # The GGUFs' accuracy comes from the export's preference check on the config's test_datasets, and
+    # the Modelfile uses the smallest file keeping 99% of the merged model's accuracy.
+    export = json.loads((out / "output" / "gguf" / "export_report.json").read_text())
+    preference = export["preference"]
+    assert preference["pairs"] == 60 and preference["reference"] == "the merged model"
+    for quant in ("f16", "q8_0", "q4_k_m"):
+        assert by[f"GGUF {quant}"]["accuracy"] == preference["models"][quant]["accuracy"]
+    keeping = [q for q in ("f16", "q8_0", "q4_k_m") if preference["models"][q]["kept"] >= 0.99]
+    smallest = min(keeping, key=lambda q: export["files"][q]["bytes"])
+    assert summary["modelfile_from"] == preference["chosen"] == f"model-{smallest}.gguf"
+    assert (out / "output" / "gguf" / "Modelfile").read_text().startswith(f"FROM ./model-{smallest}.gguf")
     assert (out / "output" / "orpo_training.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     history = (out / "output" / "orpo_log_history.jsonl").read_text().splitlines()
     assert len(history) == len({json.dumps(json.loads(line), sort_keys=True) for line in history})  # no repeats
