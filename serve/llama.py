@@ -231,7 +231,7 @@ class MultiSequence:
     """Decodes tokens of several sequences per llama_decode on a Llama opened with sequences > 1
     (llama.cpp's multi-sequence batch: a token may belong to several sequences, so a prompt decoded
     once serves every answer after it). Uses llama.cpp's C API (llama_batch_init, llama_decode,
-    llama_get_logits, llama_memory_*) on the Llama's context; KVCache's record of sequence 0 is
+    llama_get_logits) on the Llama's context; KVCache's record of sequence 0 is
     emptied before and after, so a chat that follows re-decodes its prompt."""
 
     SEQ_IDS = 2  # sequences one token can belong to: a prompt's two answers
@@ -258,17 +258,9 @@ class MultiSequence:
         with contextlib.suppress(TypeError, AttributeError):  # at interpreter exit llama_cpp may be gone
             self.close()
 
-    @property
-    def n_ctx(self) -> int:
-        return self.cache.n_ctx
-
     def clear(self) -> None:
         """Empty the KV cache (every sequence) and llama-cpp-python's record of it."""
         self.cache.clear()
-
-    def release(self, seq: int) -> None:
-        """Free the cells only this sequence holds."""
-        llama_cpp.llama_memory_seq_rm(llama_cpp.llama_get_memory(self.llm._ctx.ctx), seq, -1, -1)
 
     def decode(self, tokens: np.ndarray, pos: np.ndarray, seqs: np.ndarray, n_seqs: np.ndarray,
                outputs: np.ndarray) -> np.ndarray:
