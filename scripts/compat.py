@@ -5,7 +5,8 @@
 1. Asks PyPI for the newest Axolotl release and the Python it requires, and takes an interpreter that
    satisfies it: --python (or $COMPAT_PYTHON) if given, else the oldest such python3.X on PATH or
    under pyenv (Axolotl's pins lag the newest Python: 0.21 pins zstandard 0.22.0, which has no wheel
-   for 3.13 and whose source does not build there). One that is too old is refused in one line (exit 2); nothing is forced past Requires-Python.
+   for 3.13 and whose source does not build there). One that is too old is refused in one line
+   (exit 2); nothing is forced past Requires-Python.
 2. Builds build/compat/axolotl-<version>-py<X.Y>/ with that Axolotl alone (torch as Axolotl and pip
    choose) and records what is installed there (freeze.json).
 3. Asks pip, with --dry-run --report, what `pip install '.[train]'` would do to that environment: it

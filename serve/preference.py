@@ -11,15 +11,6 @@ from serve import parity
 from serve.evaluate import open_model, score_all
 from serve.scoring import HFScorer, PairText, summarize
 
-# Most precise first: the reference when the merged model is too large to build in memory.
-PRECISION = ("f32", "f16", "bf16", "q8_0", "q6_k", "q5_k_m", "q5_k_s", "q5_1", "q5_0", "q4_k_m", "q4_k_s",
-             "q4_1", "q4_0", "q3_k_l", "q3_k_m", "q3_k_s", "q2_k")
-
-
-def _precision(quant: str) -> int:
-    return PRECISION.index(quant) if quant in PRECISION else len(PRECISION)
-
-
 def check(source, tokenizer, files: dict[str, Path], pairs: list[PairText], threads: int, hf=None,
           progress: bool = True) -> dict:
     """Preference accuracy, mean log-odds ratio, agreement with the reference and the share of the
@@ -32,7 +23,9 @@ def check(source, tokenizer, files: dict[str, Path], pairs: list[PairText], thre
         runs["merged"] = score_all(HFScorer(hf or parity.reference_model(source)), tokenizer, pairs,
                                    "score the merged model", progress)
     else:
-        files = dict(sorted(files.items(), key=lambda item: _precision(item[0])))
+        from serve.export import BITS  # serve.export imports this module
+
+        files = dict(sorted(files.items(), key=lambda item: -BITS[item[0]]))  # the most precise first
         reference, note = next(iter(files.values())).name, f"the merged model is not built: {left_out}"
     for quant, path in files.items():
         with open_model(path, threads=threads) as (scorer, gguf_tokenizer):

@@ -286,11 +286,16 @@ def encode_pairs(scorer, tokenizer, pairs: list[PairText], where=None) -> list[t
     return encoded
 
 
+def pack_results(scorer, encoded: list[tuple], pack: list[int]) -> list[dict]:
+    """The results of the pairs encoded[i] for i in one pack of scorer.plan(encoded)."""
+    return [pair_result(*lps) for lps in scorer.score_pack([encoded[i] for i in pack])]
+
+
 def score_packs(scorer, encoded: list[tuple]):
-    """Yields (indices, results) pack by pack (scorer.plan): a server lends the model to other
-    requests between two packs."""
+    """Yields (indices, results) pack by pack (scorer.plan); a server runs pack_results itself, one
+    pack per turn with the model."""
     for pack in scorer.plan(encoded):
-        yield pack, [pair_result(*lps) for lps in scorer.score_pack([encoded[i] for i in pack])]
+        yield pack, pack_results(scorer, encoded, pack)
 
 
 def summarize(results: list[dict], reference: list[dict] | None = None) -> dict:

@@ -48,7 +48,7 @@ from serve.scoring import (
     PairText,
     ScoreError,
     encode_pairs,
-    pair_result,
+    pack_results,
 )
 
 MAX_PAIRS = 64  # per /v1/score request
@@ -579,10 +579,9 @@ def create_app(model_path: str | Path, *, api_key: str | None = None, n_ctx: int
             for pack in engine.scorer.plan(encoded):
                 if stop.is_set():
                     return _error(499, "the client closed the request")
-                scored = await engine.run(lambda pack=pack: engine.scorer.score_pack([encoded[i] for i in pack]),
-                                          stop)
-                for i, logprobs in zip(pack, scored):
-                    results[i] = pair_result(*logprobs)
+                scored = await engine.run(lambda pack=pack: pack_results(engine.scorer, encoded, pack), stop)
+                for i, result in zip(pack, scored):
+                    results[i] = result
         finally:
             watcher.cancel()
         return {"results": results} if batch else results[0]

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
+from packaging.version import Version
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAINING_ONLY = {"axolotl", "torch", "bitsandbytes", "triton", "peft", "trl", "accelerate", "deepspeed",
@@ -80,12 +81,18 @@ def test_serve_extra_installs_without_axolotl_or_torch(tmp_path, trained_tiny):
     env = offline_env(env)
     out = tmp_path / "gguf"
     _run(venv / "bin" / "orpo", "merge-and-quantize", "--base", trained_tiny["base"], "--adapter",
-         trained_tiny["adapter"], "--out", out, "--quant", "q8_0", env=env, cwd=tmp_path)
+         trained_tiny["adapter"], "--out", out, "--quant", "q8_0", "--quant", "f16", "--eval-pairs",
+         trained_tiny["eval"], "--eval-limit", "8", "--keep-accuracy", "0.9", env=env, cwd=tmp_path)
     report = json.loads((out / "export_report.json").read_text())
     assert report["models"]["q8_0"]["ok"] and report["models"]["q8_0"]["tokens_identical"]
     assert report["logits"] == {"checked": False, "why": "torch is not installed (orpo-plugin[serve] alone); "
                                                          "install torch to run it"}
     assert (out / "model-q8_0.gguf").read_bytes() == (trained_tiny["gguf"] / "model-q8_0.gguf").read_bytes()
+    # Without torch the merged model is not built: the most precise file stands in for it.
+    preference = report["preference"]
+    assert preference["reference"] == "model-f16.gguf" and "torch is not installed" in preference["reference_note"]
+    assert list(preference["models"]) == ["f16", "q8_0"] and preference["models"]["f16"]["kept"] == 1.0
+    assert preference["chosen"] == report["modelfile"]["from"]
 
     # The GGUF scores there; the adapter, which needs torch, gets one line saying so, no traceback.
     pairs = ["--pairs", trained_tiny["eval"], "--limit", "4"]
@@ -139,15 +146,32 @@ def _conflicts(requirements: list[Requirement], installed: dict[str, str]) -> li
     return found
 
 
-def test_make_compat_refuses_an_interpreter_older_than_axolotl_requires(tmp_path):
-    """`make compat` never forces an install past Requires-Python: on this Python 3.11, Axolotl 0.21
-    (which requires 3.12, read from PyPI's index) is refused in one line, and nothing is built."""
-    if sys.version_info >= (3, 12):
-        pytest.skip("the project's environment is Python 3.11 (make setup); this one already satisfies 0.21")
-    proc = subprocess.run([sys.executable, ROOT / "scripts" / "compat.py", "--axolotl", "0.21.0", "--python",
-                           sys.executable, "--out", tmp_path / "compat"], capture_output=True, text=True, timeout=300)
+def _compat():
+    """scripts/compat.py (`make compat`) as a module."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("compat", ROOT / "scripts" / "compat.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_make_compat_reads_requires_python_from_pypi_and_refuses_an_older_interpreter(tmp_path, monkeypatch,
+                                                                                       capsys):
+    """`make compat` never forces an install past Requires-Python. It reads each release's from
+    PyPI's index (Axolotl 0.21.0: >=3.12); given an interpreter older than the release requires, it
+    says so in one line, exits 2, and builds nothing."""
+    compat = _compat()
+    assert compat.axolotl_release("0.21.0") == ("0.21.0", ">=3.12")
+    newest, _ = compat.axolotl_release(None)
+    assert Version(newest) >= Version("0.21.0")
+
     version = ".".join(map(str, sys.version_info[:3]))
-    assert proc.returncode == 2 and proc.stdout == "", proc.stderr
-    assert proc.stderr == (f"compat: axolotl 0.21.0 requires Python >=3.12; {sys.executable} is Python {version} "
-                           f"(give an interpreter that satisfies it with --python)\n")
+    monkeypatch.setattr(compat, "axolotl_release", lambda asked: ("9.0.0", f">{version}"))
+    with pytest.raises(SystemExit) as exit_:
+        compat.main(["--python", sys.executable, "--out", str(tmp_path / "compat")])
+    assert exit_.value.code == 2
+    out = capsys.readouterr()
+    assert out.out == "" and out.err == (f"compat: axolotl 9.0.0 requires Python >{version}; {sys.executable} is "
+                                         f"Python {version} (give an interpreter that satisfies it with --python)\n")
     assert not (tmp_path / "compat").exists()
