@@ -29,17 +29,22 @@ OUT_TYPES = {
     "q8_0": (gguf.GGMLQuantizationType.Q8_0, gguf.LlamaFileType.MOSTLY_Q8_0),
 }
 
-# llama.cpp's pre-tokenizer names, identified from the HF pre-tokenizer's split pattern rather
-# than from a hash of a sample encoding (which fails for any tokenizer not in llama.cpp's table).
+# llama.cpp's pre-tokenizer names, identified from the HF pre-tokenizer's chain of split patterns
+# rather than from a hash of a sample encoding (which fails for any tokenizer not in llama.cpp's table).
 GPT2_PATTERN = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
+DIGITS = r"\p{N}"  # tokenizers' Digits(individual_digits=True): every digit a piece of its own
 PRE_TOKENIZERS = {
-    GPT2_PATTERN: "gpt-2",
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+": "llama-bpe",
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+": "qwen2",
+    (GPT2_PATTERN,): "gpt-2",
+    (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",):
+        "llama-bpe",
+    (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",):
+        "qwen2",
     # Mistral's tekken (Nemo, Small 3 and later)
-    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+|[^\r\n\p{L}\p{N}]?"
-    r"[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+":
+    (r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+|[^\r\n\p{L}\p{N}]?"
+     r"[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+",):
         "tekken",
+    # SmolLM and SmolLM2: digits split one by one, then GPT-2's split
+    (DIGITS, GPT2_PATTERN): "smollm",
 }
 
 
@@ -56,14 +61,15 @@ def _split_patterns(pre: dict | None) -> list[str]:
         return [pre["pattern"].get("Regex") or pre["pattern"].get("String")]
     if pre.get("type") == "ByteLevel" and pre.get("use_regex", True):
         return [GPT2_PATTERN]
+    if pre.get("type") == "Digits":
+        return [DIGITS if pre.get("individual_digits") else r"\p{N}+"]
     return []
 
 
 def pre_tokenizer_name(tokenizer_json: dict) -> str:
-    patterns = _split_patterns(tokenizer_json.get("pre_tokenizer"))
-    for pattern in patterns:
-        if pattern in PRE_TOKENIZERS:
-            return PRE_TOKENIZERS[pattern]
+    patterns = tuple(_split_patterns(tokenizer_json.get("pre_tokenizer")))
+    if patterns in PRE_TOKENIZERS:
+        return PRE_TOKENIZERS[patterns]
     raise ConversionError(f"unknown BPE pre-tokenizer (split patterns: {patterns or 'none'}); known: "
                           f"{', '.join(sorted(set(PRE_TOKENIZERS.values())))}")
 

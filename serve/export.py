@@ -20,6 +20,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from orpo_plugin.core.atomic import remove_stale, scratch_path, write_json
+from orpo_plugin.core.tokenize import special_prefix
 from serve import memory, parity, preference
 from serve.checkpoint import CheckpointError, model_directory, parameters
 from serve.convert import OUT_TYPES, F16RangeError, convert
@@ -167,8 +168,10 @@ def export(base: str | Path, adapter: str | Path | None, out_dir: str | Path, qu
         else:
             report["preference"] = {"checked": False, "why": "no held-out pairs (--eval-pairs FILE, or test_datasets "
                                                              "in the Axolotl config)"}
+        # BOS text the template writes is a token llama.cpp and Ollama add, where the tokenizer adds one;
+        # elsewhere (SmolLM2's BOS is <|im_start|>, which its template writes for every turn) it is text.
         write_modelfile(out_dir, files[chosen].name, tokenizer.chat_template, num_ctx, tokenizer.eos_token or "</s>",
-                        tokenizer.bos_token)
+                        tokenizer.bos_token if special_prefix(tokenizer) else None)
     report.update({
         "base": str(base), "adapter": str(adapter) if adapter else None, "stages": stages.rows,
         "files": written, "modelfile": {"from": files[chosen].name},

@@ -1,5 +1,5 @@
 """Ollama Modelfile: FROM the GGUF, a Go TEMPLATE for known chat-template families with their
-stop strings, num_ctx.
+stop strings, the template's default system prompt as SYSTEM, num_ctx.
 
 Ollama may not map an imported GGUF's Jinja template to a Go one, so a known family gets an
 explicit TEMPLATE. A family is a table row: how each role's turn is wrapped and where a system
@@ -12,7 +12,7 @@ family keeps the one embedded in the GGUF.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from jinja2 import TemplateError
@@ -31,9 +31,12 @@ class ChatFamily:
     generation: str  # what opens the assistant's reply
     stops: tuple[str, ...]  # "{eos}": the model's EOS text
     system_separator: str = "\n\n"
+    default_system: str | None = None  # written when the conversation does not open with a system turn
 
     # -- Python: the conversation as this family writes it --------------------------------
     def render(self, messages: list[dict], eos: str) -> str:
+        if self.default_system is not None and messages[0]["role"] != "system":
+            messages = [{"role": "system", "content": self.default_system}, *messages]
         system = "\n\n".join(m["content"] for m in messages if m["role"] == "system")
         users = [i for i, m in enumerate(messages) if m["role"] == "user"]
         host = {"first_user": users[:1], "last_user": users[-1:]}.get(self.system, [])
@@ -122,9 +125,21 @@ def detect_family(jinja_template: str | None, eos: str = "</s>", bos: str = "<s>
                 return None
             rendered.append(None)
     for family in FAMILIES:
+        family = replace(family, default_system=_default_system(family, rendered[0], eos))
         if all(text is None or text == family.render(probe, eos) for probe, text in zip(PROBES, rendered)):
             return family
     return None
+
+
+def _default_system(family: ChatFamily, first: str, eos: str) -> str | None:
+    """The system prompt a template writes into a conversation without one (`first` is its
+    rendering of the first probe, which has none), for families with a system turn of their own."""
+    if family.system != "turn":
+        return None
+    before, after = (_fill(part, "system", eos) for part in family.turns["system"])
+    if not first.startswith(before) or after not in first[len(before):]:
+        return None
+    return first[len(before):first.index(after, len(before))]
 
 
 def modelfile_text(gguf_name: str, jinja_template: str | None, num_ctx: int, eos_token: str = "</s>",
@@ -135,6 +150,9 @@ def modelfile_text(gguf_name: str, jinja_template: str | None, num_ctx: int, eos
         lines += ["# Unknown chat-template family: Ollama uses the template embedded in the GGUF.", ""]
     else:
         lines += [f"# Chat template family: {family.name}", f'TEMPLATE """{family.go_template(eos_token)}"""', ""]
+        if family.default_system is not None:
+            lines += ["# The chat template's own system prompt, used when a conversation does not start with one.",
+                      f'SYSTEM """{family.default_system}"""', ""]
         lines += [f'PARAMETER stop "{stop}"' for stop in family.stop_strings(eos_token)]
     lines.append(f"PARAMETER num_ctx {num_ctx}")
     return "\n".join(lines) + "\n"

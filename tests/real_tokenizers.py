@@ -23,7 +23,7 @@ from official import CACHE
 from orpo_plugin.core.atomic import atomic_path
 
 NPM_VERSION = "3.7.2"
-NPM = {"llama3": "llama3_1", "qwen2.5": "qwen2_5"}
+NPM = {"llama3": "llama3_1", "qwen2.5": "qwen2_5", "gemma3": "gemma3"}
 # name: (mistral-common's file, Axolotl's chat template for that generation)
 SENTENCEPIECE = {"mistral-v0.1": ("tokenizer.model.v1", "mistral_v1"),
                  "mistral-v0.3": ("mistral_instruct_tokenizer_240323.model.v3", "mistral_v2v3")}

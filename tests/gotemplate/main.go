@@ -1,7 +1,9 @@
 // Renders an Ollama Modelfile TEMPLATE with Go's own text/template, as Ollama does: the template
 // sees .System (every system message, joined), .Messages (consecutive messages of one role
 // merged), .Prompt and .Response (empty for chat), .Tools (none). Reads
-// {"template": "...", "messages": [{"role": ..., "content": ...}]} on stdin, writes the text.
+// {"template": "...", "system": "...", "messages": [{"role": ..., "content": ...}]} on stdin, writes the
+// text. "system" is the Modelfile's SYSTEM: as Ollama's chat handler does (server/routes.go), it
+// becomes a first system message when the conversation does not start with one.
 package main
 
 import (
@@ -19,6 +21,7 @@ type Message struct {
 
 type Request struct {
 	Template string    `json:"template"`
+	System   string    `json:"system"`
 	Messages []Message `json:"messages"`
 }
 
@@ -51,7 +54,11 @@ func main() {
 		fmt.Fprintln(os.Stderr, "template:", err)
 		os.Exit(1)
 	}
-	system, messages := collate(req.Messages)
+	msgs := req.Messages
+	if len(msgs) > 0 && msgs[0].Role != "system" && req.System != "" {
+		msgs = append([]Message{{Role: "system", Content: req.System}}, msgs...)
+	}
+	system, messages := collate(msgs)
 	values := map[string]any{"System": system, "Messages": messages, "Prompt": "", "Response": "", "Tools": nil}
 	if err := tmpl.Execute(os.Stdout, values); err != nil {
 		fmt.Fprintln(os.Stderr, "execute:", err)
