@@ -95,9 +95,12 @@ def test_bf16_auto_without_cuda_falls_back_to_fp32(fresh_plugins, model_dirs):
 @pytest.mark.parametrize("name", sorted(p.name for p in (ROOT / "example_configs").glob("*.yml")))
 def test_example_configs_validate_against_axolotls_schema(name, fresh_plugins):
     raw = yaml.safe_load((ROOT / "example_configs" / name).read_text())
-    cfg = _validate(raw, capabilities=None if name == "tiny-cpu.yml" else GPU)
+    cpu = name.endswith("-cpu.yml")  # tiny-cpu.yml, smollm2-cpu.yml (the demo's): fp32 on CPU
+    cfg = _validate(raw, capabilities=None if cpu else GPU)
     assert cfg.rl == "orpo" and cfg.orpo_plugin and cfg.trainer_cls == TRAINER_CLS
-    if name != "tiny-cpu.yml":
+    if cpu:
+        assert cfg.bf16 is False and not cfg.fp16 and not cfg.tf32
+    else:
         assert cfg.bf16 is True and cfg.gradient_checkpointing
     if "qlora" in name:
         assert cfg.load_in_4bit and cfg.adapter == "qlora"
