@@ -27,7 +27,7 @@ export ORPO_LLAMA_WHEELS := $(LLAMA_WHEELS)
 # the variables are defined once, in orpo_demo/env.py.
 RUN     = env $$($(BIN)/python -m orpo_demo.env) PATH=$(abspath $(BIN)):$$PATH
 
-.PHONY: setup tools demo test tiny train-tiny bench compat clean
+.PHONY: setup tools demo test lint format tiny train-tiny bench compat clean
 
 setup: $(STAMP)
 
@@ -53,8 +53,17 @@ tools:
 demo: setup
 	$(RUN) $(BIN)/python -m orpo_demo --out build/demo
 
-test: setup tools
+test: setup tools lint
 	$(RUN) $(BIN)/python -m pytest -q
+
+# ruff: the linter and the formatter (pyproject.toml's [tool.ruff]); `make format` rewrites.
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: setup
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
 
 # The embedded tiny model and data used by example_configs/tiny-cpu.yml.
 tiny: setup

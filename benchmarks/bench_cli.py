@@ -39,8 +39,9 @@ def measure(tree: Path, code: str, runs: int) -> dict:
         times.append(time.perf_counter() - start)
         if proc.returncode not in (0,):
             raise SystemExit(f"{tree}: {code!r} failed:\n{proc.stderr[-2000:]}")
-    traced = subprocess.run([sys.executable, "-X", "importtime", "-c", code], cwd=tree, env=env,
-                            capture_output=True, text=True)
+    traced = subprocess.run(
+        [sys.executable, "-X", "importtime", "-c", code], cwd=tree, env=env, capture_output=True, text=True
+    )
     imported = {m.split(".")[0] for m in re.findall(r"^import time:\s+\d+ \|\s+\d+ \|\s*([\w.]+)", traced.stderr, re.M)}
     warnings = [line for line in proc.stderr.splitlines() if line.strip()]
     return {"s": statistics.median(times), "heavy": [h for h in HEAVY if h in imported], "stderr_lines": len(warnings)}
@@ -53,20 +54,26 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="orpo-bench-cli-") as tmp:
         old = Path(tmp) / "before"
-        subprocess.run(["git", "worktree", "add", "--detach", str(old), args.before], cwd=ROOT, check=True,
-                       capture_output=True)
+        subprocess.run(
+            ["git", "worktree", "add", "--detach", str(old), args.before], cwd=ROOT, check=True, capture_output=True
+        )
         try:
-            rows = [(name, measure(old, code, args.runs), measure(ROOT, code, args.runs))
-                    for name, code in CASES.items()]
+            rows = [
+                (name, measure(old, code, args.runs), measure(ROOT, code, args.runs)) for name, code in CASES.items()
+            ]
         finally:
             subprocess.run(["git", "worktree", "remove", "--force", str(old)], cwd=ROOT, capture_output=True)
-    print(f"| command | before ({args.before}) s | after s | after / before | heavy imports before | "
-          f"heavy imports after | stderr lines before | after |")
+    print(
+        f"| command | before ({args.before}) s | after s | after / before | heavy imports before | "
+        f"heavy imports after | stderr lines before | after |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for name, before, after in rows:
-        print(f"| `{name}` | {before['s']:.2f} | {after['s']:.2f} | {after['s'] / before['s']:.2f} | "
-              f"{', '.join(before['heavy']) or 'none'} | {', '.join(after['heavy']) or 'none'} | "
-              f"{before['stderr_lines']} | {after['stderr_lines']} |")
+        print(
+            f"| `{name}` | {before['s']:.2f} | {after['s']:.2f} | {after['s'] / before['s']:.2f} | "
+            f"{', '.join(before['heavy']) or 'none'} | {', '.join(after['heavy']) or 'none'} | "
+            f"{before['stderr_lines']} | {after['stderr_lines']} |"
+        )
 
 
 if __name__ == "__main__":

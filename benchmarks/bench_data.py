@@ -33,21 +33,33 @@ def write_pairs(path: Path, n: int, seed: int = 0) -> None:
             good = " ".join(rng.choice(words) for _ in range(rng.randint(5, 60)))
             bad = " ".join(rng.choice(words) for _ in range(rng.randint(5, 60)))
             user = {"role": "user", "content": question}
-            f.write(json.dumps({"chosen": [user, {"role": "assistant", "content": good}],
-                                "rejected": [user, {"role": "assistant", "content": bad + " no"}]}) + "\n")
+            f.write(
+                json.dumps(
+                    {
+                        "chosen": [user, {"role": "assistant", "content": good}],
+                        "rejected": [user, {"role": "assistant", "content": bad + " no"}],
+                    }
+                )
+                + "\n"
+            )
 
 
 def worker(impl: str, data: Path, work: Path) -> dict:
     sys.path.insert(0, str(ROOT / "tests"))
-    from helpers import build_trainer, load_model, make_cfg
-
     import tiny
+    from helpers import build_trainer, load_model, make_cfg
 
     tokenizer = tiny.build_tokenizer(work / "model")
     tiny.build_model("llama", work / "model", tokenizer=tokenizer)
     ds_type = "orpo_plugin.preference" if impl == "orpo_plugin" else "chat_template.argilla"
-    cfg = make_cfg(work / "model", work / "out", rl=impl, sequence_len=512, dataset_num_proc=2,
-                   datasets=[{"path": str(data), "ds_type": "json", "type": ds_type}])
+    cfg = make_cfg(
+        work / "model",
+        work / "out",
+        rl=impl,
+        sequence_len=512,
+        dataset_num_proc=2,
+        datasets=[{"path": str(data), "ds_type": "json", "type": ds_type}],
+    )
     model = load_model(work / "model", lora=True)
     start = time.perf_counter()
     if impl == "orpo_plugin":
@@ -62,8 +74,14 @@ def worker(impl: str, data: Path, work: Path) -> dict:
     prepared = time.perf_counter()
     trainer = build_trainer(cfg, model, tokenizer, train)
     done = time.perf_counter()
-    return {"impl": impl, "pairs_in": sum(1 for _ in data.open()), "pairs_out": len(trainer.train_dataset),
-            "prepare_s": prepared - start, "trainer_tokenize_s": done - prepared, "total_s": done - start}
+    return {
+        "impl": impl,
+        "pairs_in": sum(1 for _ in data.open()),
+        "pairs_out": len(trainer.train_dataset),
+        "prepare_s": prepared - start,
+        "trainer_tokenize_s": done - prepared,
+        "total_s": done - start,
+    }
 
 
 def run(impl: str, data: Path) -> dict:
@@ -71,8 +89,12 @@ def run(impl: str, data: Path) -> dict:
         from orpo_demo.env import offline_env
 
         env = dict(offline_env(), HF_DATASETS_CACHE=f"{work}/cache")
-        out = subprocess.run([sys.executable, __file__, "--worker", impl, "--data", str(data), "--work", work],
-                             env=env, capture_output=True, text=True)
+        out = subprocess.run(
+            [sys.executable, __file__, "--worker", impl, "--data", str(data), "--work", work],
+            env=env,
+            capture_output=True,
+            text=True,
+        )
     if out.returncode != 0:
         raise SystemExit(f"benchmark worker failed ({impl}):\n{out.stderr[-4000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -97,9 +119,11 @@ def main(argv=None):
     print("|---|---|---|---|---|---|---|---|")
     for row, label in zip(rows, ["Axolotl rl: orpo (chat_template.argilla + TRL)", "orpo_plugin.preference"]):
         rate = row["pairs_in"] / row["total_s"]
-        print(f"| {label} | {row['pairs_in']} | {row['pairs_out']} | {row['prepare_s']:.1f} | "
-              f"{row['trainer_tokenize_s']:.1f} | {row['total_s']:.1f} | {rate:.0f} | "
-              f"{ref['total_s'] / row['total_s']:.2f}x |")
+        print(
+            f"| {label} | {row['pairs_in']} | {row['pairs_out']} | {row['prepare_s']:.1f} | "
+            f"{row['trainer_tokenize_s']:.1f} | {row['total_s']:.1f} | {rate:.0f} | "
+            f"{ref['total_s'] / row['total_s']:.2f}x |"
+        )
 
 
 if __name__ == "__main__":

@@ -22,20 +22,21 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))  # the test fixtures (tiny models)
+# fmt: off
 SHAPE = dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12,
              num_key_value_heads=4, vocab_size=32000)
+# fmt: on
 
 
 def stage(kind: str, src: str, dst: str) -> dict:
-    # Imported before the baseline: libraries are not the conversion. serve.convert imports no
+    # Imported before the baseline: libraries are not the conversion. serve.export.convert imports no
     # transformers itself; the tokenizer it loads does, so that comes first too.
+    import psutil
     import torch  # noqa: F401
     from transformers import AutoTokenizer  # noqa: F401
 
-    from serve.convert import convert
-    from serve.quantize import quantize
-
-    import psutil
+    from serve.export.convert import convert
+    from serve.export.quantize import quantize
 
     print("start", psutil.Process().memory_info().rss, flush=True)
     start = time.perf_counter()
@@ -84,20 +85,27 @@ def main():
 
         env = offline_env()
         rows = []
-        for kind, src, dst in (("f32", tmp / "model", tmp / "m-f32.gguf"), ("f16", tmp / "model", tmp / "m-f16.gguf"),
-                               ("q8_0", tmp / "model", tmp / "m-q8_0.gguf"),
-                               ("quantize", tmp / "m-f16.gguf", tmp / "m-q4_k_m.gguf")):
+        for kind, src, dst in (
+            ("f32", tmp / "model", tmp / "m-f32.gguf"),
+            ("f16", tmp / "model", tmp / "m-f16.gguf"),
+            ("q8_0", tmp / "model", tmp / "m-q8_0.gguf"),
+            ("quantize", tmp / "m-f16.gguf", tmp / "m-q4_k_m.gguf"),
+        ):
             rows.append(measure([kind, str(src), str(dst)], env))
         print(f"model: {params / 1e6:.0f}M parameters, {on_disk:.0f} MiB of f32 safetensors")
         print("| stage | seconds | peak RSS MiB | above baseline MiB | above baseline / model on disk |")
         print("|---|---|---|---|---|")
         for r in rows:
             label = "q4_k_m (llama.cpp, from the f16 GGUF)" if r["stage"] == "quantize" else f"convert to {r['stage']}"
-            print(f"| {label} | {r['seconds']:.1f} | {r['peak_rss_mib']:.0f} | {r['above_baseline_mib']:.0f} | "
-                  f"{r['above_baseline_mib'] / on_disk:.2f} |")
+            print(
+                f"| {label} | {r['seconds']:.1f} | {r['peak_rss_mib']:.0f} | {r['above_baseline_mib']:.0f} | "
+                f"{r['above_baseline_mib'] / on_disk:.2f} |"
+            )
         by_stage = {r["stage"]: r["seconds"] for r in rows}
-        print(f"export to q4_k_m (convert f16 + quantize): quantization is "
-              f"{by_stage['quantize'] / (by_stage['f16'] + by_stage['quantize']):.0%} of the time")
+        print(
+            f"export to q4_k_m (convert f16 + quantize): quantization is "
+            f"{by_stage['quantize'] / (by_stage['f16'] + by_stage['quantize']):.0%} of the time"
+        )
 
 
 if __name__ == "__main__":

@@ -31,9 +31,16 @@ def train(kind: str, alpha: float | None, work: Path, model: Path, data: dict, e
     from orpo_demo.run import base_config
 
     cfg = base_config()
-    cfg.update(base_model=str(model), output_dir=str(work / kind), save_strategy="steps", save_steps=every,
-               save_total_limit=1000, dataset_prepared_path=str(work / f"prepared-{kind}"),
-               eval_steps=None, test_datasets=None)
+    cfg.update(
+        base_model=str(model),
+        output_dir=str(work / kind),
+        save_strategy="steps",
+        save_steps=every,
+        save_total_limit=1000,
+        dataset_prepared_path=str(work / f"prepared-{kind}"),
+        eval_steps=None,
+        test_datasets=None,
+    )
     if alpha is not None:
         cfg["orpo_alpha"] = alpha
     if kind == "sft":
@@ -41,8 +48,12 @@ def train(kind: str, alpha: float | None, work: Path, model: Path, data: dict, e
             cfg.pop(key)
         rows = [json.loads(line) for line in data["train"].read_text().splitlines()]
         sft = work / "sft.jsonl"
-        sft.write_text("".join(json.dumps({"messages": r["prompt"] + [{"role": "assistant", "content": r["chosen"]}]})
-                               + "\n" for r in rows))
+        sft.write_text(
+            "".join(
+                json.dumps({"messages": r["prompt"] + [{"role": "assistant", "content": r["chosen"]}]}) + "\n"
+                for r in rows
+            )
+        )
         cfg["datasets"] = [{"path": str(sft), "ds_type": "json", "type": "chat_template", "field_messages": "messages"}]
         # Axolotl turns its LoRA kernels on for SFT by default; they need CUDA.
         cfg.update(lora_mlp_kernel=False, lora_qkv_kernel=False, lora_o_kernel=False)
@@ -50,26 +61,35 @@ def train(kind: str, alpha: float | None, work: Path, model: Path, data: dict, e
         cfg["datasets"][0]["path"] = str(data["train"])
     config = work / f"{kind}.yml"
     config.write_text(yaml.safe_dump(cfg))
-    proc = subprocess.run([str(BIN / "axolotl"), "train", str(config), "--launcher", "python"], cwd=work,
-                          env=offline_env(), capture_output=True, text=True)
+    proc = subprocess.run(
+        [str(BIN / "axolotl"), "train", str(config), "--launcher", "python"],
+        cwd=work,
+        env=offline_env(),
+        capture_output=True,
+        text=True,
+    )
     if proc.returncode:
         raise SystemExit(proc.stdout[-3000:] + proc.stderr[-3000:])
     return work / kind
 
 
 def curve(base: Path, run: Path, pairs) -> list[dict]:
-    from serve.evaluate import open_model, score_all
-    from serve.scoring import summarize
+    from serve.scoring import open_model, score_pairs, summarize
 
     points = []
     checkpoints = sorted(run.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
     for step, model in [(0, base)] + [(int(c.name.split("-")[1]), c) for c in checkpoints]:
         with open_model(model) as (scorer, tokenizer):
-            results = score_all(scorer, tokenizer, pairs, f"score step {step}", progress=False)
+            results = score_pairs(scorer, tokenizer, pairs, f"score step {step}", progress=False)
         n = len(results)
-        points.append({"step": step, "chosen": sum(r["chosen"]["avg_logprob"] for r in results) / n,
-                       "rejected": sum(r["rejected"]["avg_logprob"] for r in results) / n,
-                       "accuracy": summarize(results)["accuracy"]})
+        points.append(
+            {
+                "step": step,
+                "chosen": sum(r["chosen"]["avg_logprob"] for r in results) / n,
+                "rejected": sum(r["rejected"]["avg_logprob"] for r in results) / n,
+                "accuracy": summarize(results)["accuracy"],
+            }
+        )
     return points
 
 
@@ -78,12 +98,16 @@ def main(argv=None):
     parser.add_argument("--every", type=int, default=2, help="score a checkpoint every N steps")
     parser.add_argument("--png", type=Path, default=ROOT / "benchmarks" / "orpo_vs_sft.png")
     parser.add_argument("--json", type=Path, default=None, help="also write the curves here")
-    parser.add_argument("--alpha", type=float, action="append",
-                        help="ORPO's lambda (orpo_alpha); repeat for several [default: 0.1 and 1]")
+    parser.add_argument(
+        "--alpha",
+        type=float,
+        action="append",
+        help="ORPO's lambda (orpo_alpha); repeat for several [default: 0.1 and 1]",
+    )
     args = parser.parse_args(argv)
     from orpo_demo import task
     from orpo_demo.real_model import checkpoint_from_gguf, packaged_gguf
-    from serve.evaluate import load_pairs
+    from orpo_plugin.core.rows import load_pairs
 
     runs = {"SFT": ("sft", None)} | {f"ORPO λ={a:g}": (f"orpo-{a:g}", a) for a in (args.alpha or [0.1, 1.0])}
     with tempfile.TemporaryDirectory(prefix="orpo-vs-sft-") as work:
@@ -91,22 +115,32 @@ def main(argv=None):
         model = checkpoint_from_gguf(packaged_gguf(), work / "model")
         data = task.write_data(work / "data")
         pairs = load_pairs(data["held-out"])
-        curves = {name: curve(model, train(kind, alpha, work, model, data, args.every), pairs)
-                  for name, (kind, alpha) in runs.items()}
+        curves = {
+            name: curve(model, train(kind, alpha, work, model, data, args.every), pairs)
+            for name, (kind, alpha) in runs.items()
+        }
     steps = curves["SFT"][-1]["step"]
-    print(f"SmolLM2-135M-Instruct, {len(pairs)} held-out pairs; {steps} steps, same model, data order, learning rate "
-          f"and LoRA")
+    print(
+        f"SmolLM2-135M-Instruct, {len(pairs)} held-out pairs; {steps} steps, same model, data order, learning rate "
+        f"and LoRA"
+    )
     print("| step | " + " | ".join(f"{name} chosen | {name} rejected | {name} accuracy" for name in curves) + " |")
     print("|---|" + "---|---|---|" * len(curves))
     for rows in zip(*curves.values()):
-        print(f"| {rows[0]['step']} | " + " | ".join(f"{p['chosen']:.3f} | {p['rejected']:.3f} | {p['accuracy']:.2f}"
-                                                    for p in rows) + " |")
+        print(
+            f"| {rows[0]['step']} | "
+            + " | ".join(f"{p['chosen']:.3f} | {p['rejected']:.3f} | {p['accuracy']:.2f}" for p in rows)
+            + " |"
+        )
     for name, points in curves.items():
         first, last = points[0], points[-1]
-        print(f"{name}: chosen {first['chosen']:.3f} -> {last['chosen']:.3f} ({last['chosen'] - first['chosen']:+.3f}), "
-              f"rejected {first['rejected']:.3f} -> {last['rejected']:.3f} "
-              f"({last['rejected'] - first['rejected']:+.3f}), margin at the end {last['chosen'] - last['rejected']:+.3f}, "
-              f"accuracy {first['accuracy']:.2f} -> {last['accuracy']:.2f}")
+        print(
+            f"{name}: chosen {first['chosen']:.3f} -> {last['chosen']:.3f} ({last['chosen'] - first['chosen']:+.3f}), "
+            f"rejected {first['rejected']:.3f} -> {last['rejected']:.3f} "
+            f"({last['rejected'] - first['rejected']:+.3f}), "
+            f"margin at the end {last['chosen'] - last['rejected']:+.3f}, "
+            f"accuracy {first['accuracy']:.2f} -> {last['accuracy']:.2f}"
+        )
     plot(curves, args.png)
     print(f"wrote {args.png}")
     if args.json:

@@ -22,8 +22,8 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import os
-import sys
 import random
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -32,8 +32,9 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))  # the test fixtures (tiny models)
-SHAPE = dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12,
-             num_key_value_heads=4)
+SHAPE = dict(
+    hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12, num_key_value_heads=4
+)
 
 
 def _words(rng: random.Random, n: int) -> str:
@@ -57,14 +58,15 @@ def make_pairs(tokenizer, n: int, prompt_tokens: int, answer_tokens: int, seed: 
 def full_sequence_llama_cpp(path: Path, encoded, threads: int) -> float:
     import llama_cpp
 
-    llm = llama_cpp.Llama(model_path=str(path), n_ctx=1024, logits_all=True, n_threads=threads,
-                          n_threads_batch=threads, verbose=False)
+    llm = llama_cpp.Llama(
+        model_path=str(path), n_ctx=1024, logits_all=True, n_threads=threads, n_threads_batch=threads, verbose=False
+    )
     start = time.perf_counter()
     for prompt, chosen, rejected in encoded:
         for answer in (chosen, rejected):
             llm.reset()
             llm.eval(prompt + answer)
-            rows = np.asarray(llm.scores[len(prompt) - 1:len(prompt) + len(answer) - 1], dtype=np.float64)
+            rows = np.asarray(llm.scores[len(prompt) - 1 : len(prompt) + len(answer) - 1], dtype=np.float64)
             (rows[np.arange(len(answer)), answer] - np.logaddexp.reduce(rows, axis=-1)).mean()
     seconds = time.perf_counter() - start
     llm.close()
@@ -118,6 +120,7 @@ def one_pair_path(path: Path, encoded, threads: int) -> float:
         scorer = LlamaCppScorer(llm)
         for pair in pairs:
             score_ids(scorer, *pair)
+
     return _rate(path, encoded, threads, score, n_ctx=1024)
 
 
@@ -127,6 +130,7 @@ def batched(path: Path, encoded, threads: int, score_batch: int | None) -> float
     def score(llm, pairs):
         for _ in score_packs(LlamaCppScorer(llm, pack_tokens=score_batch), pairs):
             pass
+
     return _rate(path, encoded, threads, score, n_ctx=4096, sequences=SEQUENCES)
 
 
@@ -139,7 +143,8 @@ def plain_decode(path: Path, encoded, threads: int) -> float:
         cache = KVCache(llm)
         for pair in pairs:
             cache.clear()
-            cache.decode((pair[0] + pair[1] + pair[2])[:pair_tokens(*pair)], every_row=False)
+            cache.decode((pair[0] + pair[1] + pair[2])[: pair_tokens(*pair)], every_row=False)
+
     return _rate(path, encoded, threads, score, n_ctx=1024)
 
 
@@ -148,8 +153,12 @@ def load(url: str, clients: int, requests: int) -> dict:
     first piece of text. Every score must equal the one taken before the load, and after it."""
     import httpx
 
-    pair = {"pairs": [{"prompt": f"What is 12 + {n}?", "chosen": f"12 + {n} = {12 + n}",
-                       "rejected": f"12 + {n} = {13 + n}"} for n in (30, 7, 115, 2)]}
+    pair = {
+        "pairs": [
+            {"prompt": f"What is 12 + {n}?", "chosen": f"12 + {n} = {12 + n}", "rejected": f"12 + {n} = {13 + n}"}
+            for n in (30, 7, 115, 2)
+        ]
+    }
     chat = {"messages": [{"role": "user", "content": "Say something."}], "max_tokens": 16}
     long = {**chat, "max_tokens": 256, "stream": True}  # the streams a client abandons would run on
     with httpx.Client(base_url=url, timeout=600) as http:
@@ -187,13 +196,23 @@ def load(url: str, clients: int, requests: int) -> dict:
         after = http.post("/v1/score", json=pair).json()
     latencies = np.array([t for *_, t in results])
     kinds = [k for k, *_ in results]
-    by_kind = {name: np.array([t for k, _, _, t in results if k in ks])
-               for name, ks in (("score", (0,)), ("chat", (1,)), ("stream", (2, 3)))}
-    return {"requests": len(results), "errors": sum(status != 200 for _, status, _, _ in results), "wall_s": wall,
-            "scores": kinds.count(0), "chats": kinds.count(1), "streams": kinds.count(2) + kinds.count(3),
-            "left_early": kinds.count(3), "scores_equal": all(same for *_, same, _ in results) and after == reference,
-            "p50_s": float(np.percentile(latencies, 50)), "p99_s": float(np.percentile(latencies, 99)),
-            "by_kind": {name: (float(np.percentile(t, 50)), float(np.percentile(t, 99))) for name, t in by_kind.items()}}
+    by_kind = {
+        name: np.array([t for k, _, _, t in results if k in ks])
+        for name, ks in (("score", (0,)), ("chat", (1,)), ("stream", (2, 3)))
+    }
+    return {
+        "requests": len(results),
+        "errors": sum(status != 200 for _, status, _, _ in results),
+        "wall_s": wall,
+        "scores": kinds.count(0),
+        "chats": kinds.count(1),
+        "streams": kinds.count(2) + kinds.count(3),
+        "left_early": kinds.count(3),
+        "scores_equal": all(same for *_, same, _ in results) and after == reference,
+        "p50_s": float(np.percentile(latencies, 50)),
+        "p99_s": float(np.percentile(latencies, 99)),
+        "by_kind": {name: (float(np.percentile(t, 50)), float(np.percentile(t, 99))) for name, t in by_kind.items()},
+    }
 
 
 def main(argv=None):
@@ -204,24 +223,28 @@ def main(argv=None):
     parser.add_argument("--load-only", action="store_true", help="only the load run")
     args = parser.parse_args(argv)
     threads = os.cpu_count() or 1
+    import tiny
     from transformers import AutoTokenizer
 
-    import tiny
-    from serve.convert import convert
-    from serve.scoring import PairText, encode_pair
     from orpo_demo.serving import running
+    from serve.export.convert import convert
+    from serve.scoring import PairText, pair_ids
 
     with tempfile.TemporaryDirectory(prefix="orpo-bench-serve-") as tmp:
         tmp = Path(tmp)
-        model = tiny.build_model("llama", tmp / "model", vocab_size=32000, tokenizer=tiny.build_tokenizer(None), **SHAPE)
+        model = tiny.build_model(
+            "llama", tmp / "model", vocab_size=32000, tokenizer=tiny.build_tokenizer(None), **SHAPE
+        )
         params = sum(p.numel() for p in model.parameters())
         del model
         gguf = convert(tmp / "model", tmp / "model-q8_0.gguf", "q8_0")
         tokenizer = AutoTokenizer.from_pretrained(str(tmp / "model"))
         pairs = make_pairs(tokenizer, args.pairs, 512, 64)
-        encoded = [encode_pair(tokenizer, PairText(**p)) for p in pairs]
-        print(f"model: {params / 1e6:.0f}M parameters, q8_0; {args.pairs} pairs, prompt "
-              f"{len(encoded[0][0])} tokens, answers {len(encoded[0][1])} tokens; {threads} threads")
+        encoded = [pair_ids(tokenizer, PairText(**p)) for p in pairs]
+        print(
+            f"model: {params / 1e6:.0f}M parameters, q8_0; {args.pairs} pairs, prompt "
+            f"{len(encoded[0][0])} tokens, answers {len(encoded[0][1])} tokens; {threads} threads"
+        )
         with running(gguf, "--n-ctx", "4096", "--n-threads", str(threads)) as url:
             ours = None if args.load_only else served(url, pairs)  # first: nothing else is running
             report = load(url, args.clients, args.requests)
@@ -230,25 +253,32 @@ def main(argv=None):
             return
         one = one_pair_path(gguf, encoded, threads)
         plain = plain_decode(gguf, encoded, threads)
-        short = [encode_pair(tokenizer, PairText(**p)) for p in make_pairs(tokenizer, 4 * args.pairs, 32, 16, seed=1)]
+        short = [pair_ids(tokenizer, PairText(**p)) for p in make_pairs(tokenizer, 4 * args.pairs, 32, 16, seed=1)]
         sweep = {}
-        for name, pairs_ in ((f"prompt {prompt_len(encoded)}, answers {len(encoded[0][1])}", encoded),
-                             (f"prompt {prompt_len(short)}, answers {len(short[0][1])}", short)):
-            sweep[name] = {"one pair at a time (the path before)": one_pair_path(gguf, pairs_, threads),
-                           **{f"batched, --score-batch {size}": batched(gguf, pairs_, threads, size)
-                              for size in (512, 1024, 2048)},
-                           "plain llama_decode of the same tokens": plain_decode(gguf, pairs_, threads)}
+        for name, pairs_ in (
+            (f"prompt {prompt_len(encoded)}, answers {len(encoded[0][1])}", encoded),
+            (f"prompt {prompt_len(short)}, answers {len(short[0][1])}", short),
+        ):
+            sweep[name] = {
+                "one pair at a time (the path before)": one_pair_path(gguf, pairs_, threads),
+                **{
+                    f"batched, --score-batch {size}": batched(gguf, pairs_, threads, size) for size in (512, 1024, 2048)
+                },
+                "plain llama_decode of the same tokens": plain_decode(gguf, pairs_, threads),
+            }
         llama_full = full_sequence_llama_cpp(gguf, encoded, threads)
         hf = transformers_fp32(tmp / "model", encoded, threads)
     prompt, answer = len(encoded[0][0]), len(encoded[0][1])
     once, twice = prompt + 2 * answer - 2, 2 * (prompt + answer)  # tokens evaluated per pair
     print("| scorer | pairs/s | tokens evaluated per pair | tokens/s | batched /v1/score vs it |")
     print("|---|---|---|---|---|")
-    rows = [("/v1/score, all pairs in one request (HTTP, batched)", ours, once),
-            ("one pair at a time, answers in turn (the path before)", one, once),
-            ("llama-cpp-python, each full sequence", llama_full, twice),
-            ("transformers fp32, both sequences in one batch", hf, twice),
-            ("plain llama_decode of the same tokens (the limit)", plain, once)]
+    rows = [
+        ("/v1/score, all pairs in one request (HTTP, batched)", ours, once),
+        ("one pair at a time, answers in turn (the path before)", one, once),
+        ("llama-cpp-python, each full sequence", llama_full, twice),
+        ("transformers fp32, both sequences in one batch", hf, twice),
+        ("plain llama_decode of the same tokens (the limit)", plain, once),
+    ]
     for name, rate, tokens in rows:
         print(f"| {name} | {rate:.2f} | {tokens} | {rate * tokens:.0f} | {ours / rate:.2f}x |")
     print()
@@ -260,13 +290,15 @@ def main(argv=None):
 
 
 def _print_load(args, report: dict) -> None:
-    print(f"load: {args.clients} clients x {args.requests} requests ({report['scores']} batched scores of 4 pairs, "
-          f"{report['chats']} "
-          f"16-token chats, {report['streams']} streamed chats of which {report['left_early']} left by their client "
-          f"mid-answer): {report['errors']} errors, every score equal to the reference before and after: "
-          f"{report['scores_equal']}, {report['wall_s']:.1f} s, p50 {report['p50_s'] * 1000:.0f} ms, "
-          f"p99 {report['p99_s'] * 1000:.0f} ms; by kind (p50/p99 ms): " +
-          ", ".join(f"{k} {a * 1000:.0f}/{b * 1000:.0f}" for k, (a, b) in report["by_kind"].items()))
+    print(
+        f"load: {args.clients} clients x {args.requests} requests ({report['scores']} batched scores of 4 pairs, "
+        f"{report['chats']} "
+        f"16-token chats, {report['streams']} streamed chats of which {report['left_early']} left by their client "
+        f"mid-answer): {report['errors']} errors, every score equal to the reference before and after: "
+        f"{report['scores_equal']}, {report['wall_s']:.1f} s, p50 {report['p50_s'] * 1000:.0f} ms, "
+        f"p99 {report['p99_s'] * 1000:.0f} ms; by kind (p50/p99 ms): "
+        + ", ".join(f"{k} {a * 1000:.0f}/{b * 1000:.0f}" for k, (a, b) in report["by_kind"].items())
+    )
 
 
 if __name__ == "__main__":

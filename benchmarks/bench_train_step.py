@@ -77,11 +77,16 @@ def pairs(tokenizer, n_pairs: int, prompt_tokens: int, answer_tokens: int, seed:
         ids = tokenizer(s, add_special_tokens=False)["input_ids"][:target]
         return tokenizer.decode(ids)
 
-    return Dataset.from_list([
-        {"prompt": text(prompt_tokens), "chosen": " " + text(answer_tokens - 1),
-         "rejected": " " + text(answer_tokens - 1)}
-        for _ in range(n_pairs)
-    ])
+    return Dataset.from_list(
+        [
+            {
+                "prompt": text(prompt_tokens),
+                "chosen": " " + text(answer_tokens - 1),
+                "rejected": " " + text(answer_tokens - 1),
+            }
+            for _ in range(n_pairs)
+        ]
+    )
 
 
 def tokens_per_step(trainer, n_pairs: int) -> tuple[int, int]:
@@ -91,34 +96,61 @@ def tokens_per_step(trainer, n_pairs: int) -> tuple[int, int]:
     batch = trainer.data_collator(features)
     if "input_ids" in batch:  # ours, either layout
         computed = batch["input_ids"].numel()
-        useful = sum(len(f["prompt_input_ids"]) + len(f["chosen_input_ids"]) + len(f["rejected_input_ids"])
-                     for f in features)
+        useful = sum(
+            len(f["prompt_input_ids"]) + len(f["chosen_input_ids"]) + len(f["rejected_input_ids"]) for f in features
+        )
     else:  # TRL: chosen and rejected rows, both padded to the longer
         width = max(batch["chosen_input_ids"].shape[1], batch["rejected_input_ids"].shape[1])
         computed = 2 * n_pairs * width
-        useful = sum(len(f["chosen_input_ids"]) + len(f["rejected_input_ids"]) - len(f["prompt_input_ids"])
-                     for f in features)
+        useful = sum(
+            len(f["chosen_input_ids"]) + len(f["rejected_input_ids"]) - len(f["prompt_input_ids"]) for f in features
+        )
     return computed, useful
 
 
-def worker(impl: str, vocab: int, hidden: int, steps: int, seq: int, pairs_per_step: int,
-           prompt_tokens: int | None = None, answer_tokens: int | None = None, layers: int = 2) -> dict:
+def worker(
+    impl: str,
+    vocab: int,
+    hidden: int,
+    steps: int,
+    seq: int,
+    pairs_per_step: int,
+    prompt_tokens: int | None = None,
+    answer_tokens: int | None = None,
+    layers: int = 2,
+) -> dict:
     sys.path.insert(0, str(ROOT / "tests"))
+    import tiny
     import torch
     from helpers import build_trainer, load_model, make_cfg
     from transformers import TrainerCallback
 
-    import tiny
-
     torch.manual_seed(0)
     work = Path(tempfile.mkdtemp(prefix="orpo-bench-"))
     tokenizer = tiny.build_tokenizer(work / "model")
-    tiny.build_model("llama", work / "model", tokenizer=tokenizer, vocab_size=vocab, hidden_size=hidden,
-                     intermediate_size=hidden * 2, num_attention_heads=hidden // 64, num_key_value_heads=2,
-                     num_hidden_layers=layers)
+    tiny.build_model(
+        "llama",
+        work / "model",
+        tokenizer=tokenizer,
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=hidden * 2,
+        num_attention_heads=hidden // 64,
+        num_key_value_heads=2,
+        num_hidden_layers=layers,
+    )
     rl, overrides, _ = IMPLS[impl]
-    cfg = make_cfg(work / "model", work / "out", rl=rl, sequence_len=seq, micro_batch_size=pairs_per_step,
-                   max_steps=steps + 1, train_on_inputs=True, logging_steps=1000, **overrides)
+    cfg = make_cfg(
+        work / "model",
+        work / "out",
+        rl=rl,
+        sequence_len=seq,
+        micro_batch_size=pairs_per_step,
+        max_steps=steps + 1,
+        train_on_inputs=True,
+        logging_steps=1000,
+        **overrides,
+    )
     model = load_model(work / "model", lora=True)
     data = pairs(tokenizer, pairs_per_step * (steps + 1), prompt_tokens or seq // 2, answer_tokens or seq // 2 - 4)
     trainer = build_trainer(cfg, model, tokenizer, data)
@@ -139,16 +171,40 @@ def worker(impl: str, vocab: int, hidden: int, steps: int, seq: int, pairs_per_s
     trainer.add_callback(Measure())
     with RssPeak() as sampler:
         trainer.train()
-    return {"impl": impl, "vocab": vocab, "hidden": hidden, "seq": seq, "pairs_per_step": pairs_per_step,
-            "step_s": statistics.median(times), "step_peak_mib": max(peaks) / 2**20,
-            "tokens_computed": computed, "tokens_useful": useful,
-            "torch": torch.__version__, "threads": torch.get_num_threads()}
+    return {
+        "impl": impl,
+        "vocab": vocab,
+        "hidden": hidden,
+        "seq": seq,
+        "pairs_per_step": pairs_per_step,
+        "step_s": statistics.median(times),
+        "step_peak_mib": max(peaks) / 2**20,
+        "tokens_computed": computed,
+        "tokens_useful": useful,
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+    }
 
 
 def run_one(impl, vocab, args, prompt_tokens=None, answer_tokens=None) -> dict:
-    cmd = [sys.executable, __file__, "--worker", impl, "--vocab", str(vocab), "--hidden", str(args.hidden),
-           "--steps", str(args.steps), "--seq", str(args.seq), "--pairs", str(args.pairs),
-           "--layers", str(args.layers)]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--worker",
+        impl,
+        "--vocab",
+        str(vocab),
+        "--hidden",
+        str(args.hidden),
+        "--steps",
+        str(args.steps),
+        "--seq",
+        str(args.seq),
+        "--pairs",
+        str(args.pairs),
+        "--layers",
+        str(args.layers),
+    ]
     if prompt_tokens:
         cmd += ["--prompt-tokens", str(prompt_tokens), "--answer-tokens", str(answer_tokens)]
     from orpo_demo.env import offline_env
@@ -174,8 +230,21 @@ def main(argv=None):
     args = parser.parse_args(argv)
     vocabs = args.vocab or [32000, 128256]
     if args.worker:
-        print(json.dumps(worker(args.worker, vocabs[0], args.hidden, args.steps, args.seq, args.pairs,
-                                args.prompt_tokens, args.answer_tokens, args.layers)))
+        print(
+            json.dumps(
+                worker(
+                    args.worker,
+                    vocabs[0],
+                    args.hidden,
+                    args.steps,
+                    args.seq,
+                    args.pairs,
+                    args.prompt_tokens,
+                    args.answer_tokens,
+                    args.layers,
+                )
+            )
+        )
         return
     rows = []
     print("| vocab | trainer | step s | step peak MiB | time vs rl: orpo | memory vs rl: orpo |")
@@ -186,9 +255,11 @@ def main(argv=None):
             row = run_one(impl, vocab, args)
             rows.append(row)
             ref = ref or row
-            print(f"| {vocab} | {IMPLS[impl][2]} | {row['step_s']:.2f} | {row['step_peak_mib']:.0f} | "
-                  f"{row['step_s'] / ref['step_s']:.2f} | {row['step_peak_mib'] / ref['step_peak_mib']:.3f} |",
-                  flush=True)
+            print(
+                f"| {vocab} | {IMPLS[impl][2]} | {row['step_s']:.2f} | {row['step_peak_mib']:.0f} | "
+                f"{row['step_s'] / ref['step_s']:.2f} | {row['step_peak_mib'] / ref['step_peak_mib']:.3f} |",
+                flush=True,
+            )
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))
 

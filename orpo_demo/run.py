@@ -40,8 +40,7 @@ def _run(*args, cwd: Path, log: Path) -> str:
     with log.open("w") as f:
         proc = subprocess.run([str(a) for a in args], cwd=cwd, env=offline_env(), stdout=f, stderr=subprocess.STDOUT)
     if proc.returncode:
-        raise SystemExit(f"demo: `{' '.join(map(str, args))}` failed; the end of {log}:\n"
-                         + log.read_text()[-3000:])
+        raise SystemExit(f"demo: `{' '.join(map(str, args))}` failed; the end of {log}:\n" + log.read_text()[-3000:])
     return log.read_text()
 
 
@@ -72,9 +71,15 @@ def served(gguf: Path, questions: list[str], log: Path, pairs: list[dict] = ()) 
     out = {"replies": [], "finished": []}
     with running(gguf, "--n-ctx", str(task.GENERATION["n_ctx"]), log=log) as url:
         for question in questions:
-            chat = httpx.post(f"{url}/v1/chat/completions", timeout=120, json={
-                "messages": [{"role": "user", "content": question}], "temperature": 0,
-                "max_tokens": task.GENERATION["max_tokens"]})
+            chat = httpx.post(
+                f"{url}/v1/chat/completions",
+                timeout=120,
+                json={
+                    "messages": [{"role": "user", "content": question}],
+                    "temperature": 0,
+                    "max_tokens": task.GENERATION["max_tokens"],
+                },
+            )
             chat.raise_for_status()
             choice = chat.json()["choices"][0]
             out["replies"].append(choice["message"]["content"])
@@ -91,19 +96,26 @@ def generated(model: Path, questions: list[str]) -> dict:
     import torch
     from transformers import AutoTokenizer
 
-    from serve.evaluate import open_model
+    from serve.scoring import open_model
 
     tokenizer = AutoTokenizer.from_pretrained(str(model), padding_side="left")
-    prompts = [tokenizer.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True,
-                                             tokenize=False) for q in questions]
+    prompts = [
+        tokenizer.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True, tokenize=False)
+        for q in questions
+    ]
     batch = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
     with open_model(model) as (scorer, _), torch.no_grad():
-        rows = scorer.model.generate(**batch, max_new_tokens=task.GENERATION["max_tokens"], do_sample=False,
-                                     eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+        rows = scorer.model.generate(
+            **batch,
+            max_new_tokens=task.GENERATION["max_tokens"],
+            do_sample=False,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
     out = {"replies": [], "finished": []}
-    for row in rows[:, batch["input_ids"].shape[1]:].tolist():
+    for row in rows[:, batch["input_ids"].shape[1] :].tolist():
         finished = tokenizer.eos_token_id in row
-        ids = row[:row.index(tokenizer.eos_token_id)] if finished else row
+        ids = row[: row.index(tokenizer.eos_token_id)] if finished else row
         out["replies"].append(tokenizer.decode(ids, skip_special_tokens=True))
         out["finished"].append(finished)
     return out
@@ -112,8 +124,10 @@ def generated(model: Path, questions: list[str]) -> dict:
 def measured(answers: dict, facts: list[task.Fact]) -> dict:
     """The behaviour's and the knowledge's share over the held-out questions."""
     n = len(facts)
-    return {"behaviour": sum(task.shows_behaviour(r, f) for r, f in zip(answers["replies"], answers["finished"])) / n,
-            "knowledge": sum(task.knows(r, fact) for r, fact in zip(answers["replies"], facts)) / n}
+    return {
+        "behaviour": sum(task.shows_behaviour(r, f) for r, f in zip(answers["replies"], answers["finished"])) / n,
+        "knowledge": sum(task.knows(r, fact) for r, fact in zip(answers["replies"], facts)) / n,
+    }
 
 
 def run(out: Path, steps: int | None = None, quants: tuple[str, ...] = QUANTS, questions: int | None = None) -> dict:
@@ -146,16 +160,37 @@ def run(out: Path, steps: int | None = None, quants: tuple[str, ...] = QUANTS, q
     quant_args = [a for q in quants for a in ("--quant", q)]
     # The held-out pairs are the config's test_datasets: each file's preference accuracy comes from
     # the export, and the Modelfile uses the smallest file that keeps 99% of the merged model's.
-    _run(BIN / "axolotl", "merge-and-quantize", config, *quant_args, "--keep-accuracy", KEEP_ACCURACY, "--force",
-         cwd=out, log=logs / "export.log")
+    _run(
+        BIN / "axolotl",
+        "merge-and-quantize",
+        config,
+        *quant_args,
+        "--keep-accuracy",
+        KEEP_ACCURACY,
+        "--force",
+        cwd=out,
+        log=logs / "export.log",
+    )
     done("axolotl merge-and-quantize")
     gguf_dir = out / "output" / "gguf"
     export = json.loads((gguf_dir / "export_report.json").read_text())
 
     stage("orpo score (base and adapter)")
     report_path = out / "score_report.json"
-    _run(BIN / "orpo", "score", shipped, out / "output", "--pairs", data["held-out"], "--n-ctx",
-         task.GENERATION["n_ctx"], "--report", report_path, cwd=out, log=logs / "score.log")
+    _run(
+        BIN / "orpo",
+        "score",
+        shipped,
+        out / "output",
+        "--pairs",
+        data["held-out"],
+        "--n-ctx",
+        task.GENERATION["n_ctx"],
+        "--report",
+        report_path,
+        cwd=out,
+        log=logs / "score.log",
+    )
     base_score, trained_score = json.loads(report_path.read_text())["models"]
     done("orpo score (base and adapter)")
 
@@ -167,8 +202,12 @@ def run(out: Path, steps: int | None = None, quants: tuple[str, ...] = QUANTS, q
     stage(answering)
     answers = {BASE: served(shipped, asked, logs / "serve-base.log"), TRAINED: generated(out / "output", asked)}
     for quant in quants:  # the held-out pairs through /v1/score on the last (smallest) file
-        answers[f"GGUF {quant}"] = served(gguf_dir / f"model-{quant}.gguf", asked, logs / f"serve-{quant}.log",
-                                          pairs=shown if quant == quants[-1] else ())
+        answers[f"GGUF {quant}"] = served(
+            gguf_dir / f"model-{quant}.gguf",
+            asked,
+            logs / f"serve-{quant}.log",
+            pairs=shown if quant == quants[-1] else (),
+        )
     done(answering)
 
     stage("orpo plot")
@@ -176,24 +215,43 @@ def run(out: Path, steps: int | None = None, quants: tuple[str, ...] = QUANTS, q
     done("orpo plot")
 
     scores = {BASE: base_score, TRAINED: trained_score} | {
-        f"GGUF {q}": export["preference"]["models"][q] for q in quants}  # the GGUFs': the export's own check
+        f"GGUF {q}": export["preference"]["models"][q] for q in quants
+    }  # the GGUFs': the export's own check
     rows = []
     for name, answered in answers.items():
         quant = name.split()[-1] if name.startswith("GGUF ") else None
-        rows.append({"name": name, "accuracy": scores[name]["accuracy"],
-                     "mean_log_odds_ratio": scores[name]["mean_log_odds_ratio"], **measured(answered, facts),
-                     "mib": (gguf_dir / f"model-{quant}.gguf").stat().st_size / 2**20 if quant else
-                     (shipped.stat().st_size / 2**20 if name == BASE else None),
-                     "mean_kl": export["models"][quant]["mean_kl"] if quant else None})
+        rows.append(
+            {
+                "name": name,
+                "accuracy": scores[name]["accuracy"],
+                "mean_log_odds_ratio": scores[name]["mean_log_odds_ratio"],
+                **measured(answered, facts),
+                "mib": (gguf_dir / f"model-{quant}.gguf").stat().st_size / 2**20
+                if quant
+                else (shipped.stat().st_size / 2**20 if name == BASE else None),
+                "mean_kl": export["models"][quant]["mean_kl"] if quant else None,
+            }
+        )
     last = f"GGUF {quants[-1]}"
     transcript = write_text(out / "transcript.md", transcript_text(facts, answers[BASE], answers[last], quants[-1]))
-    summary = {"model": "SmolLM2-135M-Instruct", "models": rows, "stages_s": stages, "plot": str(png),
-               "transcript": str(transcript), "answers": answers, "questions": asked,
-               "served_scores": {"model": last, "pairs": shown, "results": answers[last]["scores"]},
-               "pairs": {"train": len(data["train"].read_text().splitlines()),
-                         "held-out": len(data["held-out"].read_text().splitlines())},
-               "export_failed_checks": export["failed_checks"], "modelfile_from": export["modelfile"]["from"],
-               "modelfile_choice": export["preference"]["choice"], "targets": targets(rows, export)}
+    summary = {
+        "model": "SmolLM2-135M-Instruct",
+        "models": rows,
+        "stages_s": stages,
+        "plot": str(png),
+        "transcript": str(transcript),
+        "answers": answers,
+        "questions": asked,
+        "served_scores": {"model": last, "pairs": shown, "results": answers[last]["scores"]},
+        "pairs": {
+            "train": len(data["train"].read_text().splitlines()),
+            "held-out": len(data["held-out"].read_text().splitlines()),
+        },
+        "export_failed_checks": export["failed_checks"],
+        "modelfile_from": export["modelfile"]["from"],
+        "modelfile_choice": export["preference"]["choice"],
+        "targets": targets(rows, export),
+    }
     write_json(out / "summary.json", summary)
     return summary
 
@@ -203,14 +261,18 @@ def transcript_text(facts: list[task.Fact], before: dict, after: dict, quant: st
     lines = [f"| question | base (Q4_1 as shipped) | trained, {quant} GGUF |", "|---|---|---|"]
 
     def cell(reply, finished, fact):
-        marks = ("short" if task.shows_behaviour(reply, finished) else "long"), ("right" if task.knows(reply, fact)
-                                                                                   else "wrong")
+        marks = (
+            ("short" if task.shows_behaviour(reply, finished) else "long"),
+            ("right" if task.knows(reply, fact) else "wrong"),
+        )
         text = " ".join(reply.split()).replace("|", "\\|") + ("" if finished else " [cut at the token limit]")
         return f"{text} *({', '.join(marks)})*"
 
     for i, fact in enumerate(facts):
-        lines.append(f"| {fact.question} | {cell(before['replies'][i], before['finished'][i], fact)} | "
-                     f"{cell(after['replies'][i], after['finished'][i], fact)} |")
+        lines.append(
+            f"| {fact.question} | {cell(before['replies'][i], before['finished'][i], fact)} | "
+            f"{cell(after['replies'][i], after['finished'][i], fact)} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -220,23 +282,30 @@ def targets(rows: list[dict], export: dict) -> dict:
     if "GGUF q4_k_m" not in by:
         return {}
     trained, base, q4 = by[TRAINED], by[BASE], by["GGUF q4_k_m"]
-    return {"base accuracy <= 0.5, trained >= 0.9": base["accuracy"] <= 0.5 and trained["accuracy"] >= 0.9,
-            "base shows the behaviour <= 20%, trained >= 80%": base["behaviour"] <= 0.2 and trained["behaviour"] >= 0.8,
-            "q4_k_m keeps >= 95% of the trained accuracy and behaviour":
-                q4["accuracy"] >= 0.95 * trained["accuracy"] and q4["behaviour"] >= 0.95 * trained["behaviour"],
-            "knowledge of the trained model and of q4_k_m not below the base's":
-                min(trained["knowledge"], q4["knowledge"]) >= base["knowledge"],
-            "every GGUF passes the export's checks": not export["failed_checks"]}
+    return {
+        "base accuracy <= 0.5, trained >= 0.9": base["accuracy"] <= 0.5 and trained["accuracy"] >= 0.9,
+        "base shows the behaviour <= 20%, trained >= 80%": base["behaviour"] <= 0.2 and trained["behaviour"] >= 0.8,
+        "q4_k_m keeps >= 95% of the trained accuracy and behaviour": q4["accuracy"] >= 0.95 * trained["accuracy"]
+        and q4["behaviour"] >= 0.95 * trained["behaviour"],
+        "knowledge of the trained model and of q4_k_m not below the base's": min(trained["knowledge"], q4["knowledge"])
+        >= base["knowledge"],
+        "every GGUF passes the export's checks": not export["failed_checks"],
+    }
 
 
 def summary_table(models: list[dict], stages: dict[str, float]) -> str:
-    rows = ["| model | preference accuracy | mean log-odds ratio | short answers | right answers | size MiB | "
-            "mean KL vs merged |", "|---|---|---|---|---|---|---|"]
+    rows = [
+        "| model | preference accuracy | mean log-odds ratio | short answers | right answers | size MiB | "
+        "mean KL vs merged |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for m in models:
         size = f"{m['mib']:.0f}" if m.get("mib") is not None else "-"
         kl = f"{m['mean_kl']:.2e}" if m.get("mean_kl") is not None else "-"
-        rows.append(f"| {m['name']} | {m['accuracy']:.3f} | {m['mean_log_odds_ratio']:+.3f} | {m['behaviour']:.2f} | "
-                    f"{m['knowledge']:.2f} | {size} | {kl} |")
+        rows.append(
+            f"| {m['name']} | {m['accuracy']:.3f} | {m['mean_log_odds_ratio']:+.3f} | {m['behaviour']:.2f} | "
+            f"{m['knowledge']:.2f} | {size} | {kl} |"
+        )
     rows += ["", "| stage | seconds |", "|---|---|"]
     rows += [f"| {name} | {seconds:.1f} |" for name, seconds in stages.items()]
     rows.append(f"| total | {sum(stages.values()):.1f} |")
@@ -247,17 +316,26 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=Path("build") / "demo")
     parser.add_argument("--steps", type=int, default=None, help="training steps [default: the config's]")
-    parser.add_argument("--quant", dest="quants", action="append", default=None,
-                        help=f"GGUF types to export, smallest last; repeat [default: {' '.join(QUANTS)}]")
+    parser.add_argument(
+        "--quant",
+        dest="quants",
+        action="append",
+        default=None,
+        help=f"GGUF types to export, smallest last; repeat [default: {' '.join(QUANTS)}]",
+    )
     parser.add_argument("--questions", type=int, default=None, help="held-out questions to ask [default: all]")
     args = parser.parse_args(argv)
     summary = run(args.out.resolve(), args.steps, tuple(args.quants or QUANTS), args.questions)
-    print(f"\n{summary['model']}: {summary['pairs']['train']} training pairs, {summary['pairs']['held-out']} held-out "
-          f"pairs, {len(summary['questions'])} held-out questions (other topics than training's)")
+    print(
+        f"\n{summary['model']}: {summary['pairs']['train']} training pairs, {summary['pairs']['held-out']} held-out "
+        f"pairs, {len(summary['questions'])} held-out questions (other topics than training's)"
+    )
     print(f"orpo serve ({summary['served_scores']['model']}), POST /v1/score with held-out pairs:")
     for pair, s in zip(summary["served_scores"]["pairs"], summary["served_scores"]["results"]):
-        print(f"  {pair['prompt'][-1]['content']!r}: chosen {pair['chosen']!r} avg {s['chosen']['avg_logprob']:.3f}, "
-              f"rejected avg {s['rejected']['avg_logprob']:.3f}, z {s['log_odds_ratio']:+.2f} -> {s['preferred']}")
+        print(
+            f"  {pair['prompt'][-1]['content']!r}: chosen {pair['chosen']!r} avg {s['chosen']['avg_logprob']:.3f}, "
+            f"rejected avg {s['rejected']['avg_logprob']:.3f}, z {s['log_odds_ratio']:+.2f} -> {s['preferred']}"
+        )
     print(f"POST /v1/chat/completions (greedy), base as shipped -> trained {summary['served_scores']['model']}:")
     base, trained = summary["answers"][BASE], summary["answers"][summary["served_scores"]["model"]]
     for i, question in enumerate(summary["questions"][:4]):
@@ -268,8 +346,10 @@ def main(argv=None):
     print()
     for target, met in summary["targets"].items():
         print(f"{'met' if met else 'NOT MET'}: {target}")
-    print(f"\ntranscript: {summary['transcript']}; training curves: {summary['plot']}; "
-          f"everything in {args.out}/summary.json")
+    print(
+        f"\ntranscript: {summary['transcript']}; training curves: {summary['plot']}; "
+        f"everything in {args.out}/summary.json"
+    )
 
 
 if __name__ == "__main__":

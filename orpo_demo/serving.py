@@ -27,8 +27,12 @@ def running(model: str | Path, *args: str, env: dict | None = None, log: Path | 
             log = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="orpo-serve-"))) / "serve.log"
         port = free_port()
         with Path(log).open("w") as out:
-            proc = subprocess.Popen([str(BIN / "orpo"), "serve", str(model), "--port", str(port), *args],
-                                    env=env or offline_env(), stdout=out, stderr=subprocess.STDOUT)
+            proc = subprocess.Popen(
+                [str(BIN / "orpo"), "serve", str(model), "--port", str(port), *args],
+                env=env or offline_env(),
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
         stack.callback(_stop, proc)
         url = f"http://127.0.0.1:{port}"
         deadline = time.time() + timeout

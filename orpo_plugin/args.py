@@ -49,13 +49,17 @@ class OrpoArgs(BaseModel):
     )
     orpo_loss: str | None = Field(
         default="orpo",
-        json_schema_extra={"description": "Preference loss by name, from those registered through the "
-                           "orpo_plugin pluggy hook `register_losses` (built in: orpo)."},
+        json_schema_extra={
+            "description": "Preference loss by name, from those registered through the "
+            "orpo_plugin pluggy hook `register_losses` (built in: orpo)."
+        },
     )
     orpo_field_maps: dict | None = Field(
         default=None,
-        json_schema_extra={"description": "Internal: field_prompt/field_chosen/... of the dataset "
-                           "entries, moved here by the plugin because Axolotl's dataset schema drops them."},
+        json_schema_extra={
+            "description": "Internal: field_prompt/field_chosen/... of the dataset "
+            "entries, moved here by the plugin because Axolotl's dataset schema drops them."
+        },
     )
     orpo_prefix_sharing: bool | None = Field(
         default=None,
@@ -67,8 +71,10 @@ class OrpoArgs(BaseModel):
     )
     orpo_packing: bool | None = Field(
         default=None,
-        json_schema_extra={"description": "With prefix sharing: pack several pairs per row up to "
-                           "sequence_len, no attention across pairs (exact). Default: on."},
+        json_schema_extra={
+            "description": "With prefix sharing: pack several pairs per row up to "
+            "sequence_len, no attention across pairs (exact). Default: on."
+        },
     )
     orpo_logprob_method: Literal["auto", "fused", "chunked"] | None = Field(
         default="auto",
@@ -95,8 +101,10 @@ class OrpoArgs(BaseModel):
         from orpo_plugin.losses import get_losses
 
         if value is not None and value not in get_losses():
-            raise ValueError(f"orpo_loss {value!r} is not registered; available: "
-                             f"{', '.join(sorted(get_losses()))} (add one with the register_losses hook)")
+            raise ValueError(
+                f"orpo_loss {value!r} is not registered; available: "
+                f"{', '.join(sorted(get_losses()))} (add one with the register_losses hook)"
+            )
         return value
 
     @model_validator(mode="before")
@@ -112,7 +120,8 @@ class OrpoArgs(BaseModel):
                         f"{key}: {size} is not supported with rl: orpo_plugin: it {split}, and the ORPO "
                         f"loss reads each answer's log-probs whole on one rank. Remove {key} (or set it to "
                         f"1); to spread a model that does not fit one GPU, use DeepSpeed ZeRO-3 or FSDP2 "
-                        f"(README: Several GPUs and nodes).")
+                        f"(README: Several GPUs and nodes)."
+                    )
         return data
 
     @model_validator(mode="before")

@@ -20,9 +20,13 @@ class _Scores:
 
     def add(self, row: int, positions, targets, pair: int, kind: int) -> None:
         positions, targets = list(positions), list(targets)
-        for key, values in (("score_row", [row] * len(targets)), ("score_pos", positions),
-                            ("score_target", targets), ("score_pair", [pair] * len(targets)),
-                            ("score_kind", [kind] * len(targets))):
+        for key, values in (
+            ("score_row", [row] * len(targets)),
+            ("score_pos", positions),
+            ("score_target", targets),
+            ("score_pair", [pair] * len(targets)),
+            ("score_kind", [kind] * len(targets)),
+        ):
             self.columns[key].extend(values)
 
     def tensors(self) -> dict[str, torch.Tensor]:
@@ -76,8 +80,12 @@ class SharedPairCollator:
     def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
         rows: list[list[dict]] = []  # each row: the pairs packed into it (first fit)
         for i, f in enumerate(features):
-            unit = {"pair": i, "prompt": list(f["prompt_input_ids"]), "chosen": list(f["chosen_input_ids"]),
-                    "rejected": list(f["rejected_input_ids"])}
+            unit = {
+                "pair": i,
+                "prompt": list(f["prompt_input_ids"]),
+                "chosen": list(f["chosen_input_ids"]),
+                "rejected": list(f["rejected_input_ids"]),
+            }
             unit["size"] = sum(len(unit[k]) for k in ("prompt", "chosen", "rejected"))
             fits = [r for r in rows if sum(u["size"] for u in r) + unit["size"] <= self.max_length]
             if self.packing and fits:
@@ -91,7 +99,9 @@ class SharedPairCollator:
             for u in units:
                 o, p, c, rej = len(ids), u["prompt"], u["chosen"], u["rejected"]
                 ids += p + c + rej
-                pos += list(range(len(p))) + list(range(len(p), len(p) + len(c))) + list(range(len(p), len(p) + len(rej)))
+                pos += (
+                    list(range(len(p))) + list(range(len(p), len(p) + len(c))) + list(range(len(p), len(p) + len(rej)))
+                )
                 pair_ids += [u["pair"]] * (len(p) + len(c) + len(rej))
                 parts += [PROMPT] * len(p) + [CHOSEN] * len(c) + [REJECTED] * len(rej)
                 last_prompt = o + len(p) - 1
@@ -113,5 +123,9 @@ class SharedPairCollator:
         same_pair = pair[:, :, None] == pair[:, None, :]
         rejected_sees_chosen = (part[:, :, None] == REJECTED) & (part[:, None, :] == CHOSEN)
         mask = causal & same_pair & ~rejected_sees_chosen
-        return {"input_ids": input_ids, "position_ids": position_ids, "attention_mask": mask[:, None],
-                **scores.tensors()}
+        return {
+            "input_ids": input_ids,
+            "position_ids": position_ids,
+            "attention_mask": mask[:, None],
+            **scores.tensors(),
+        }

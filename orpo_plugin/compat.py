@@ -34,7 +34,8 @@ def check_trainer_api() -> None:
                 f"orpo_plugin: transformers {transformers.__version__} changed Trainer.{name} (expected "
                 f"({', '.join(params)}), found {'nothing' if found is None else '(' + ', '.join(found) + ')'}); "
                 f"gradient accumulation would be normalised wrongly. Install a transformers release that "
-                f"Axolotl pins (see orpo_plugin/compat.py) or report it.")
+                f"Axolotl pins (see orpo_plugin/compat.py) or report it."
+            )
 
 
 class TrainerPrivateAPI:

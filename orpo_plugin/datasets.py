@@ -20,8 +20,15 @@ from axolotl.utils.logging import get_logger
 
 from orpo_plugin.core.atomic import atomic_path
 from orpo_plugin.core.formats import BadRow, OrpoDataError, get_formats
-from orpo_plugin.core.rows import JSON_SUFFIXES, DatasetReport, apply_field_map, detect_format, normalize_rows, \
-    present, read_local_rows
+from orpo_plugin.core.rows import (
+    JSON_SUFFIXES,
+    DatasetReport,
+    apply_field_map,
+    detect_format,
+    normalize_rows,
+    present,
+    read_local_rows,
+)
 from orpo_plugin.core.tokenize import NOTE, PAIR_COLUMNS, TRUNCATED, encode_pairs, render_prompt
 
 LOG = get_logger(f"axolotl.{__name__}")  # Axolotl shows INFO only from axolotl.* loggers
@@ -40,8 +47,9 @@ def split_field_maps(cfg: dict) -> None:
     for key in ("datasets", "test_datasets"):
         entries = cfg.get(key) or []
         maps[key] = [
-            {k[len("field_"):]: entry.pop(k) for k in FIELD_KEYS if k in entry}
-            if isinstance(entry, dict) and is_ours(entry) else {}
+            {k[len("field_") :]: entry.pop(k) for k in FIELD_KEYS if k in entry}
+            if isinstance(entry, dict) and is_ours(entry)
+            else {}
             for entry in entries
         ]
     if any(m for ms in maps.values() for m in ms):
@@ -77,11 +85,18 @@ def chat_template(cfg, ds_cfg, tokenizer) -> str:
         return tokenizer.chat_template
     raise OrpoDataError(
         f"{ds_cfg['path']}: the tokenizer has no chat template; set `chat_template:` (e.g. chatml, "
-        f"llama3) or `chat_template_jinja:` in the config.")
+        f"llama3) or `chat_template_jinja:` in the config."
+    )
 
 
-def tokenize_dataset(dataset, tokenizer, max_length: int | None, num_proc: int | None = None,
-                     template: str | None = None, desc: str = "ORPO: tokenizing pairs"):
+def tokenize_dataset(
+    dataset,
+    tokenizer,
+    max_length: int | None,
+    num_proc: int | None = None,
+    template: str | None = None,
+    desc: str = "ORPO: tokenizing pairs",
+):
     """The one way pairs enter training: rows of prompt (rendered text, or chat messages rendered
     with `template`), chosen and rejected strings -> PAIR_COLUMNS through core.tokenize, then the
     pairs that cannot fit sequence_len dropped. Already tokenized datasets pass through.
@@ -89,8 +104,13 @@ def tokenize_dataset(dataset, tokenizer, max_length: int | None, num_proc: int |
     if all(c in dataset.column_names for c in PAIR_COLUMNS):
         return dataset, Counter()
     tokenized = dataset.map(
-        encode_pairs, batched=True, remove_columns=dataset.column_names, num_proc=num_proc, desc=desc,
-        fn_kwargs={"tokenizer": tokenizer, "max_length": max_length, "template": template})
+        encode_pairs,
+        batched=True,
+        remove_columns=dataset.column_names,
+        num_proc=num_proc,
+        desc=desc,
+        fn_kwargs={"tokenizer": tokenizer, "max_length": max_length, "template": template},
+    )
     notes = Counter(tokenized[NOTE])
     kept = tokenized.filter(lambda n: n in ("", TRUNCATED), input_columns=NOTE, num_proc=num_proc)
     return kept.remove_columns(NOTE), notes
@@ -100,12 +120,18 @@ def tokenize_dataset(dataset, tokenizer, max_length: int | None, num_proc: int |
 def _ours(cfg, ds_cfg, field_map, tokenizer, report: DatasetReport):
     from datasets import Dataset
 
-    pairs = normalize_rows(read_rows(ds_cfg, cfg), get_formats(), field_map, report.source,
-                           cfg.orpo_on_bad_row or "error", report)
+    pairs = normalize_rows(
+        read_rows(ds_cfg, cfg), get_formats(), field_map, report.source, cfg.orpo_on_bad_row or "error", report
+    )
     if not pairs:
         raise OrpoDataError(f"{report.source}: no usable pairs ({report.rows} rows read).")
-    table = Dataset.from_dict({"prompt": [p.prompt for p in pairs], "chosen": [p.chosen for p in pairs],
-                               "rejected": [p.rejected for p in pairs]})
+    table = Dataset.from_dict(
+        {
+            "prompt": [p.prompt for p in pairs],
+            "chosen": [p.chosen for p in pairs],
+            "rejected": [p.rejected for p in pairs],
+        }
+    )
     return table, chat_template(cfg, ds_cfg, tokenizer)
 
 
@@ -116,12 +142,17 @@ def _axolotl_type(cfg, ds_cfg, index: int, tokenizer, report: DatasetReport):
     dataset = load_with_axolotl(ds_cfg, cfg)
     transform = load_orpo(ds_cfg["type"], cfg, dataset_idx=index)
     if transform is None:
-        raise OrpoDataError(f"{report.source}: unknown dataset type {ds_cfg['type']!r}; use "
-                            f"`type: orpo_plugin.preference` or one of Axolotl's ORPO types.")
+        raise OrpoDataError(
+            f"{report.source}: unknown dataset type {ds_cfg['type']!r}; use "
+            f"`type: orpo_plugin.preference` or one of Axolotl's ORPO types."
+        )
     transform = transform[0] if isinstance(transform, tuple) else transform
     report.rows, report.format = len(dataset), str(ds_cfg["type"])
-    strings = dataset.map(lambda row: transform(row, tokenizer=tokenizer), remove_columns=dataset.column_names,
-                          desc=f"ORPO: {ds_cfg['type']}")
+    strings = dataset.map(
+        lambda row: transform(row, tokenizer=tokenizer),
+        remove_columns=dataset.column_names,
+        desc=f"ORPO: {ds_cfg['type']}",
+    )
     return strings, None
 
 
@@ -142,12 +173,20 @@ def prepare_split(cfg, tokenizer, key: str):
             strings, template = _ours(cfg, ds_cfg, field_map, tokenizer, report)
         else:
             strings, template = _axolotl_type(cfg, ds_cfg, index, tokenizer, report)
-        kept, report.notes = tokenize_dataset(strings, tokenizer, cfg.sequence_len, _num_proc(cfg, len(strings)),
-                                              template=template, desc=f"ORPO: tokenizing {report.source}")
+        kept, report.notes = tokenize_dataset(
+            strings,
+            tokenizer,
+            cfg.sequence_len,
+            _num_proc(cfg, len(strings)),
+            template=template,
+            desc=f"ORPO: tokenizing {report.source}",
+        )
         (LOG.warning if report.skipped or len(kept) < report.rows else LOG.info)(report.summary())
         if len(kept) == 0:
-            raise OrpoDataError(f"{report.source}: every pair was dropped ({report.summary()}). "
-                                f"Raise sequence_len or shorten the prompts.")
+            raise OrpoDataError(
+                f"{report.source}: every pair was dropped ({report.summary()}). "
+                f"Raise sequence_len or shorten the prompts."
+            )
         parts.append(kept)
     return concatenate_datasets(parts) if len(parts) > 1 else parts[0]
 
@@ -161,10 +200,23 @@ def _cache_dir(cfg, tokenizer) -> Path | None:
         path = Path(str(entry["path"]))
         stat = path.stat() if path.exists() else None
         sources.append([dict(entry), stat and [stat.st_size, stat.st_mtime_ns]])
-    key = json.dumps([sources, cfg.orpo_field_maps, cfg.sequence_len, cfg.chat_template, cfg.chat_template_jinja,
-                      cfg.orpo_on_bad_row,
-                      tokenizer.name_or_path, len(tokenizer), sorted(get_formats()), cfg.val_set_size,
-                      cfg.seed], sort_keys=True, default=str)
+    key = json.dumps(
+        [
+            sources,
+            cfg.orpo_field_maps,
+            cfg.sequence_len,
+            cfg.chat_template,
+            cfg.chat_template_jinja,
+            cfg.orpo_on_bad_row,
+            tokenizer.name_or_path,
+            len(tokenizer),
+            sorted(get_formats()),
+            cfg.val_set_size,
+            cfg.seed,
+        ],
+        sort_keys=True,
+        default=str,
+    )
     return Path(cfg.dataset_prepared_path) / "orpo_plugin" / hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
@@ -190,7 +242,7 @@ def load_preference_data(cfg, preprocess: bool = False):
             if evaluation is not None:
                 _save(evaluation, cache / "eval")
             _save(train, cache / "train")
-    steps = int(math.ceil(len(train) * (cfg.num_epochs or 1) / cfg.batch_size))
+    steps = math.ceil(len(train) * (cfg.num_epochs or 1) / cfg.batch_size)
     return TrainDatasetMeta(train_dataset=train, eval_dataset=evaluation, total_num_steps=steps)
 
 

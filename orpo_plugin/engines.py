@@ -15,7 +15,8 @@ output has gathered its weight again.
 
 from __future__ import annotations
 
-from typing import Callable, TypeVar
+from collections.abc import Callable
+from typing import TypeVar
 
 from torch import nn
 
@@ -53,4 +54,3 @@ def engine_module(model: nn.Module) -> nn.Module:
     """The module an engine wrapper holds (DDP and DeepSpeedEngine: `.module`); FSDP2 shards a
     model in place, so an FSDP2 root, like an unwrapped model, is its own."""
     return getattr(model, "module", model)
-

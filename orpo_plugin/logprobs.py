@@ -6,7 +6,7 @@ states of the positions that are scored, a chunk at a time, and is recomputed in
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -35,8 +35,9 @@ def logit_transform(config) -> tuple[float, float]:
     return scale, softcap
 
 
-def head_logits(hidden: torch.Tensor, head: Callable[[torch.Tensor], torch.Tensor], scale: float = 1.0,
-                softcap: float = 0.0) -> torch.Tensor:
+def head_logits(
+    hidden: torch.Tensor, head: Callable[[torch.Tensor], torch.Tensor], scale: float = 1.0, softcap: float = 0.0
+) -> torch.Tensor:
     """The model's logits for these hidden states, in fp32 (`head`: the LM head, or its forward)."""
     logits = head(hidden).float()
     if scale != 1.0:
@@ -46,8 +47,13 @@ def head_logits(hidden: torch.Tensor, head: Callable[[torch.Tensor], torch.Tenso
     return logits
 
 
-def _chunk_logprobs(hidden: torch.Tensor, targets: torch.Tensor, head: Callable[[torch.Tensor], torch.Tensor],
-                    scale: float, softcap: float) -> torch.Tensor:
+def _chunk_logprobs(
+    hidden: torch.Tensor,
+    targets: torch.Tensor,
+    head: Callable[[torch.Tensor], torch.Tensor],
+    scale: float,
+    softcap: float,
+) -> torch.Tensor:
     return target_logprobs(head_logits(hidden, head, scale, softcap), targets)
 
 
@@ -56,9 +62,16 @@ def can_fuse(head: nn.Module, scale: float = 1.0, softcap: float = 0.0) -> bool:
     return _HAS_FUSED and type(head) is nn.Linear and scale == 1.0 and not softcap
 
 
-def token_logprobs(hidden: torch.Tensor, targets: torch.Tensor, head: nn.Module, *,
-                   chunk_tokens: int | None = None, scale: float = 1.0, softcap: float = 0.0,
-                   method: str = "auto") -> torch.Tensor:
+def token_logprobs(
+    hidden: torch.Tensor,
+    targets: torch.Tensor,
+    head: nn.Module,
+    *,
+    chunk_tokens: int | None = None,
+    scale: float = 1.0,
+    softcap: float = 0.0,
+    method: str = "auto",
+) -> torch.Tensor:
     """log p(targets[i] | hidden[i]) in fp32, shape [N], for hidden [N, d] and targets [N].
 
     method: "fused" (torch.nn.functional.linear_cross_entropy, chunked), "chunked"
@@ -77,17 +90,25 @@ def token_logprobs(hidden: torch.Tensor, targets: torch.Tensor, head: nn.Module,
         if not can_fuse(head, scale, softcap):
             raise ValueError("the fused log-prob path needs torch>=2.13 and a plain nn.Linear head")
         # As the head's forward: ZeRO-3 gathers head.weight only while the head's forward runs.
-        nll = run_as_forward(head, lambda _forward, h: F.linear_cross_entropy(
-            h, head.weight, targets, linear_bias=head.bias, reduction="none",
-            options=nn.LinearCrossEntropyOptions(batch_chunk_size=chunk),
-        ), hidden)
+        nll = run_as_forward(
+            head,
+            lambda _forward, h: F.linear_cross_entropy(
+                h,
+                head.weight,
+                targets,
+                linear_bias=head.bias,
+                reduction="none",
+                options=nn.LinearCrossEntropyOptions(batch_chunk_size=chunk),
+            ),
+            hidden,
+        )
         return -nll.float()
     recompute = torch.is_grad_enabled() and (hidden.requires_grad or any(p.requires_grad for p in head.parameters()))
 
     def chunks(forward, h_all: torch.Tensor) -> torch.Tensor:
         pieces = []
         for start in range(0, h_all.shape[0], chunk):
-            h, t = h_all[start:start + chunk], targets[start:start + chunk]
+            h, t = h_all[start : start + chunk], targets[start : start + chunk]
             if recompute:
                 pieces.append(checkpoint(_chunk_logprobs, h, t, forward, scale, softcap, use_reentrant=False))
             else:

@@ -18,8 +18,10 @@ def _cpu_safe_precision(cfg) -> None:
     """`bf16: auto` without CUDA makes Axolotl pick fp16 weights and crash in the first
     matmul; on such a machine train in fp32 and say so."""
     if cfg.get("bf16") == "auto" and not torch.cuda.is_available():
-        LOG.warning("orpo_plugin: bf16: auto on a machine without CUDA -> training in fp32 "
-                    "(set bf16: false, fp16: false to silence this)")
+        LOG.warning(
+            "orpo_plugin: bf16: auto on a machine without CUDA -> training in fp32 "
+            "(set bf16: false, fp16: false to silence this)"
+        )
         cfg["bf16"] = False
         if cfg.get("fp16") in (None, "auto"):
             cfg["fp16"] = False

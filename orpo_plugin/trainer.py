@@ -12,6 +12,7 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 from axolotl.core.trainers.base import AxolotlTrainer
@@ -21,6 +22,7 @@ from transformers import TrainerCallback
 from orpo_plugin.collate import CHOSEN, PROMPT, REJECTED, SCORE_KEYS, PairCollator, SharedPairCollator
 from orpo_plugin.compat import TrainerPrivateAPI, check_trainer_api, unwrap
 from orpo_plugin.core import odds
+from orpo_plugin.core.files import LOG_HISTORY
 from orpo_plugin.core.tokenize import TRUNCATED
 from orpo_plugin.datasets import tokenize_dataset
 from orpo_plugin.engines import engine_module, run_as_forward
@@ -42,7 +44,7 @@ class OrpoSettings:
     packing: bool | None = None  # None: with prefix sharing
 
     @classmethod
-    def from_cfg(cls, cfg) -> "OrpoSettings":
+    def from_cfg(cls, cfg) -> OrpoSettings:
         alpha = cfg.orpo_alpha if cfg.orpo_alpha is not None else cls.alpha
         return cls(
             alpha=float(alpha),
@@ -60,8 +62,8 @@ class PairBatchStats:
     """Sums for one batch: the loss is built from them and the metrics accumulate them."""
 
     loss_nll_sum: torch.Tensor  # differentiable
-    loss_or_sum: torch.Tensor   # differentiable
-    pair_sums: torch.Tensor     # detached, odds.PAIR_SUMS order
+    loss_or_sum: torch.Tensor  # differentiable
+    pair_sums: torch.Tensor  # detached, odds.PAIR_SUMS order
     n_pairs: int
     n_nll_tokens: int
 
@@ -91,7 +93,9 @@ def _model_inputs(batch: dict[str, torch.Tensor], base) -> dict[str, torch.Tenso
         mask = _per_layer_type(mask, batch["position_ids"], base.config)
         if attention_backend(base) != "sdpa":
             dtype = base.get_input_embeddings().weight.dtype
-            mask = {k: _additive(m, dtype) for k, m in mask.items()} if isinstance(mask, dict) else _additive(mask, dtype)
+            mask = (
+                {k: _additive(m, dtype) for k, m in mask.items()} if isinstance(mask, dict) else _additive(mask, dtype)
+            )
     inputs["attention_mask"] = mask
     return inputs
 
@@ -127,13 +131,23 @@ def orpo_batch_stats(model, batch: dict[str, torch.Tensor], settings: OrpoSettin
     inputs = _model_inputs(batch, base)  # out here: it reads the embeddings' dtype (ZeRO-3: see logprobs.py)
 
     def loss_parts(forward):
-        out = forward(**inputs, use_cache=False, output_hidden_states=True,
-                      logits_to_keep=_NO_LOGITS.to(batch["input_ids"].device))
+        out = forward(
+            **inputs,
+            use_cache=False,
+            output_hidden_states=True,
+            logits_to_keep=_NO_LOGITS.to(batch["input_ids"].device),
+        )
         hidden = out.hidden_states[-1]  # final-norm output
         del out
-        logp = token_logprobs(hidden[row, pos], target, base.get_output_embeddings(),
-                              chunk_tokens=settings.chunk_tokens, scale=scale, softcap=softcap,
-                              method=settings.logprob_method)
+        logp = token_logprobs(
+            hidden[row, pos],
+            target,
+            base.get_output_embeddings(),
+            chunk_tokens=settings.chunk_tokens,
+            scale=scale,
+            softcap=softcap,
+            method=settings.logprob_method,
+        )
         avgs = []
         for side in (CHOSEN, REJECTED):
             on_side = kind == side
@@ -142,12 +156,16 @@ def orpo_batch_stats(model, batch: dict[str, torch.Tensor], settings: OrpoSettin
             avgs.append(total / length)
         chosen_avg, rejected_avg = avgs
         z = odds.log_odds_ratio(chosen_avg, rejected_avg)
-        return (-(logp * is_nll).sum(), get_losses()[settings.loss].penalty(chosen_avg, rejected_avg).sum(),
-                odds.pair_sums(chosen_avg.detach(), rejected_avg.detach(), z.detach()))
+        return (
+            -(logp * is_nll).sum(),
+            get_losses()[settings.loss].penalty(chosen_avg, rejected_avg).sum(),
+            odds.pair_sums(chosen_avg.detach(), rejected_avg.detach(), z.detach()),
+        )
 
     nll_sum, or_sum, sums = run_as_forward(engine_module(model), loss_parts, via=model)
-    return PairBatchStats(loss_nll_sum=nll_sum, loss_or_sum=or_sum, pair_sums=sums, n_pairs=n_pairs,
-                          n_nll_tokens=int(is_nll.sum()))
+    return PairBatchStats(
+        loss_nll_sum=nll_sum, loss_or_sum=or_sum, pair_sums=sums, n_pairs=n_pairs, n_nll_tokens=int(is_nll.sum())
+    )
 
 
 def check_final_hidden_state(model, input_ids: torch.Tensor) -> None:
@@ -183,13 +201,12 @@ def use_prefix_sharing(settings: OrpoSettings, model) -> bool:
     if backend in MASKABLE_ATTENTION:
         return True
     if settings.prefix_sharing:  # asked for explicitly: say why it is not used
-        LOG.warning(f"orpo_plugin: prefix sharing needs attention that takes a custom mask "
-                    f"({', '.join(MASKABLE_ATTENTION)}); this model uses {backend!r}, so chosen and "
-                    f"rejected run as separate rows (same loss, more compute)")
+        LOG.warning(
+            f"orpo_plugin: prefix sharing needs attention that takes a custom mask "
+            f"({', '.join(MASKABLE_ATTENTION)}); this model uses {backend!r}, so chosen and "
+            f"rejected run as separate rows (same loss, more compute)"
+        )
     return False
-
-
-LOG_HISTORY = "orpo_log_history.jsonl"
 
 
 class LogHistoryWriter(TrainerCallback):
@@ -215,11 +232,19 @@ class LogHistoryWriter(TrainerCallback):
 class OrpoTrainer(TrainerPrivateAPI, AxolotlTrainer):
     """Built by Axolotl's RL builder (`rl: orpo_plugin`); accepts TRL-style string datasets."""
 
-    tag_names = ["axolotl", "orpo", "orpo_plugin"]
+    tag_names: ClassVar[list[str]] = ["axolotl", "orpo", "orpo_plugin"]
 
-    def __init__(self, model=None, args=None, train_dataset=None, eval_dataset=None,
-                 processing_class=None, data_collator=None, orpo_settings: OrpoSettings | None = None,
-                 **kwargs):
+    def __init__(
+        self,
+        model=None,
+        args=None,
+        train_dataset=None,
+        eval_dataset=None,
+        processing_class=None,
+        data_collator=None,
+        orpo_settings: OrpoSettings | None = None,
+        **kwargs,
+    ):
         check_trainer_api()
         tokenizer = processing_class
         max_length = getattr(args, "max_length", None)
@@ -231,8 +256,13 @@ class OrpoTrainer(TrainerPrivateAPI, AxolotlTrainer):
         self._pad_multiple = getattr(data_collator, "pad_to_multiple_of", None)
         data_collator = PairCollator(_pad_id(tokenizer), pad_to_multiple_of=self._pad_multiple)
         super().__init__(
-            model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
-            processing_class=tokenizer, data_collator=data_collator, **kwargs,
+            model,
+            args=args,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=tokenizer,
+            data_collator=data_collator,
+            **kwargs,
         )
         alpha = getattr(args, "beta", None)
         self.configure(orpo_settings or OrpoSettings(alpha=OrpoSettings.alpha if alpha is None else alpha))
@@ -248,8 +278,12 @@ class OrpoTrainer(TrainerPrivateAPI, AxolotlTrainer):
         self.orpo = settings
         pad_id = _pad_id(self.processing_class)
         if use_prefix_sharing(settings, self.model):
-            collator = SharedPairCollator(pad_id, max_length=getattr(self.args, "max_length", None) or 2048,
-                                          packing=settings.packing is not False, pad_to_multiple_of=self._pad_multiple)
+            collator = SharedPairCollator(
+                pad_id,
+                max_length=getattr(self.args, "max_length", None) or 2048,
+                packing=settings.packing is not False,
+                pad_to_multiple_of=self._pad_multiple,
+            )
         else:
             collator = PairCollator(pad_id, pad_to_multiple_of=self._pad_multiple)
         # Axolotl swaps collators between train and eval; all are ours.
@@ -308,11 +342,12 @@ class OrpoTrainer(TrainerPrivateAPI, AxolotlTrainer):
             totals = self.accelerator.reduce(totals.to(self.args.device), reduction="sum")
         values = totals.tolist()
         sums = dict(zip(odds.PAIR_SUMS, values))
-        n_pairs, nll_sum, nll_tokens = values[len(odds.PAIR_SUMS):]
+        n_pairs, nll_sum, nll_tokens = values[len(odds.PAIR_SUMS) :]
         if n_pairs == 0:
             return {}
-        return odds.metrics_from_sums(sums, n_pairs, nll_sum, nll_tokens, self.orpo.alpha,
-                                      prefix="" if split == "train" else "eval_")
+        return odds.metrics_from_sums(
+            sums, n_pairs, nll_sum, nll_tokens, self.orpo.alpha, prefix="" if split == "train" else "eval_"
+        )
 
     def log(self, logs, start_time=None):
         split = "train" if "loss" in logs else "eval" if "eval_loss" in logs else None

@@ -41,8 +41,18 @@ ROOT = Path(__file__).resolve().parents[1]
 # The tests that need only the training side ([train]): the serve side's tests need llama-cpp-python,
 # which compiles for each interpreter (about 15 CPU-minutes) and is not what this checks. gguf (pure
 # Python) is added because test_hooks checks that serve's architectures register through the same hooks.
-TRAIN_TESTS = ["test_odds.py", "test_pairs.py", "test_boundary.py", "test_chat_template.py", "test_datasets.py",
-               "test_logprobs.py", "test_plugin.py", "test_hooks.py", "test_trainer.py", "test_cli.py"]
+TRAIN_TESTS = [
+    "test_odds.py",
+    "test_pairs.py",
+    "test_boundary.py",
+    "test_chat_template.py",
+    "test_datasets.py",
+    "test_logprobs.py",
+    "test_plugin.py",
+    "test_hooks.py",
+    "test_trainer.py",
+    "test_cli.py",
+]
 TEST_TOOLS = ["pytest>=8", "hypothesis>=6.100", "pytest-timeout>=2.3"]
 
 
@@ -54,8 +64,9 @@ def fail(message: str) -> None:
 def axolotl_release(version: str | None) -> tuple[str, str]:
     """(version, Requires-Python) of this Axolotl release, or of the newest final one, from PyPI's
     simple index (the JSON form pip itself reads)."""
-    request = urllib.request.Request("https://pypi.org/simple/axolotl/",
-                                     headers={"Accept": "application/vnd.pypi.simple.v1+json"})
+    request = urllib.request.Request(
+        "https://pypi.org/simple/axolotl/", headers={"Accept": "application/vnd.pypi.simple.v1+json"}
+    )
     try:
         with urllib.request.urlopen(request, timeout=60) as response:
             files = json.load(response)["files"]
@@ -77,8 +88,12 @@ def axolotl_release(version: str | None) -> tuple[str, str]:
 
 def python_version(path: str) -> Version | None:
     try:
-        out = subprocess.run([path, "-c", "import sys; print('%d.%d.%d' % sys.version_info[:3])"],
-                             capture_output=True, text=True, timeout=60)
+        out = subprocess.run(
+            [path, "-c", "import sys; print('%d.%d.%d' % sys.version_info[:3])"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
     except OSError:
         return None
     return Version(out.stdout.strip()) if out.returncode == 0 else None
@@ -102,8 +117,10 @@ def choose_python(explicit: str | None, spec: SpecifierSet, axolotl: str) -> tup
         if version is None:
             fail(f"{explicit} is not a Python interpreter that runs")
         if version not in spec:
-            fail(f"axolotl {axolotl} requires Python {spec}; {explicit} is Python {version} "
-                 f"(give an interpreter that satisfies it with --python)")
+            fail(
+                f"axolotl {axolotl} requires Python {spec}; {explicit} is Python {version} "
+                f"(give an interpreter that satisfies it with --python)"
+            )
         return explicit, version
     seen = {}
     for path in candidate_pythons():
@@ -113,8 +130,10 @@ def choose_python(explicit: str | None, spec: SpecifierSet, axolotl: str) -> tup
     fits = [(v, p) for p, v in seen.items() if v in spec]
     if not fits:
         have = ", ".join(f"{p} ({v})" for p, v in seen.items()) or "none"
-        fail(f"axolotl {axolotl} requires Python {spec}; no interpreter here satisfies it (found: {have}); "
-             f"install one (pyenv, or Debian's python3.12) and give it with --python")
+        fail(
+            f"axolotl {axolotl} requires Python {spec}; no interpreter here satisfies it (found: {have}); "
+            f"install one (pyenv, or Debian's python3.12) and give it with --python"
+        )
     version, path = min(fits)  # Axolotl's lowest: its pins lag the newest Python (zstandard 0.22 on 3.13)
     return path, version
 
@@ -131,8 +150,9 @@ def run(step: str, cmd: list, log: Path, **kwargs) -> subprocess.CompletedProces
 
 
 def freeze(python: Path) -> dict[str, str]:
-    out = subprocess.run([python, "-m", "pip", "list", "--format", "json"], capture_output=True, text=True,
-                         check=True).stdout
+    out = subprocess.run(
+        [python, "-m", "pip", "list", "--format", "json"], capture_output=True, text=True, check=True
+    ).stdout
     return {canonicalize_name(item["name"]): item["version"] for item in json.loads(out)}
 
 
@@ -151,11 +171,14 @@ def dry_run_changes(report: dict, installed: dict[str, str]) -> tuple[list[str],
 
 def last_logged(log: Path, key: str) -> str:
     """The loss, chosen-answer NLL, perplexity and reward accuracy of the last log entry that has `key`."""
-    entries = [ast.literal_eval(line[line.index("{"):]) for line in log.read_text().splitlines()
-               if line.startswith("{") and f"'{key}'" in line]
+    entries = [
+        ast.literal_eval(line[line.index("{") :])
+        for line in log.read_text().splitlines()
+        if line.startswith("{") and f"'{key}'" in line
+    ]
     if not entries:
         return "(nothing logged)"
-    prefix = key[:-len("loss")]
+    prefix = key[: -len("loss")]
     shown = [f"{prefix}{name}" for name in ("loss", "nll_loss", "ppl", "rewards/accuracies")]
     return ", ".join(f"{name} {entries[-1][name]}" for name in shown if name in entries[-1])
 
@@ -163,8 +186,11 @@ def last_logged(log: Path, key: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--axolotl", help="Axolotl release to test (default: the newest on PyPI)")
-    parser.add_argument("--python", default=os.environ.get("COMPAT_PYTHON"),
-                        help="interpreter for the side environment (default: the oldest that Axolotl allows)")
+    parser.add_argument(
+        "--python",
+        default=os.environ.get("COMPAT_PYTHON"),
+        help="interpreter for the side environment (default: the oldest that Axolotl allows)",
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "build" / "compat")
     args = parser.parse_args(argv)
 
@@ -172,8 +198,10 @@ def main(argv: list[str] | None = None) -> int:
     python, py_version = choose_python(args.python, SpecifierSet(spec), axolotl)
     env_dir = args.out / f"axolotl-{axolotl}-py{py_version.major}.{py_version.minor}"
     venv, log = env_dir / "venv", env_dir / "log.txt"
-    print(f"compat: axolotl {axolotl} (requires Python {spec or 'any'}) on {python} (Python {py_version}), "
-          f"in {env_dir}", flush=True)
+    print(
+        f"compat: axolotl {axolotl} (requires Python {spec or 'any'}) on {python} (Python {py_version}), in {env_dir}",
+        flush=True,
+    )
     env_dir.mkdir(parents=True, exist_ok=True)
     log.write_text("")
     vpy = venv / "bin" / "python"
@@ -186,8 +214,13 @@ def main(argv: list[str] | None = None) -> int:
     shutil.rmtree(venv, ignore_errors=True)
     if not ok(run("virtual environment", [python, "-m", "venv", venv], log)):
         return 1
-    if not ok(run(f"install axolotl=={axolotl} (torch as pip resolves it)",
-                  [*pip, "install", "-q", f"axolotl=={axolotl}"], log)):
+    if not ok(
+        run(
+            f"install axolotl=={axolotl} (torch as pip resolves it)",
+            [*pip, "install", "-q", f"axolotl=={axolotl}"],
+            log,
+        )
+    ):
         return 1
     installed = freeze(vpy)
     (env_dir / "freeze.json").write_text(json.dumps(installed, indent=1, sort_keys=True) + "\n")
@@ -195,8 +228,11 @@ def main(argv: list[str] | None = None) -> int:
     print("  environment: " + ", ".join(f"{k} {v}" for k, v in versions.items()), flush=True)
 
     report_path = env_dir / "dry-run-report.json"
-    proc = run("pip install --dry-run '.[train]' into it", [*pip, "install", "--dry-run", "--quiet", "--report",
-                                                            report_path, f"{ROOT}[train]"], log)
+    proc = run(
+        "pip install --dry-run '.[train]' into it",
+        [*pip, "install", "--dry-run", "--quiet", "--report", report_path, f"{ROOT}[train]"],
+        log,
+    )
     if ok(proc):
         new, changed = dry_run_changes(json.loads(report_path.read_text()), installed)
         print(f"    would install: {', '.join(new) or 'nothing'}", flush=True)
@@ -205,16 +241,26 @@ def main(argv: list[str] | None = None) -> int:
     else:
         steps.append(("dry run", False))
 
-    steps.append(("install the plugin", ok(run("pip install -e '.[train]' and the test tools",
-                                              [*pip, "install", "-q", "-e", f"{ROOT}[train]", *TEST_TOOLS, gguf],
-                                              log))))
+    steps.append(
+        (
+            "install the plugin",
+            ok(
+                run(
+                    "pip install -e '.[train]' and the test tools",
+                    [*pip, "install", "-q", "-e", f"{ROOT}[train]", *TEST_TOOLS, gguf],
+                    log,
+                )
+            ),
+        )
+    )
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
     env["PATH"] = f"{venv / 'bin'}{os.pathsep}{env.get('PATH', '')}"
     offline = subprocess.run([vpy, "-m", "orpo_demo.env"], capture_output=True, text=True, env=env, cwd=ROOT)
     env.update(line.split("=", 1) for line in offline.stdout.split())
     tests = [f"tests/{name}" for name in TRAIN_TESTS]
-    proc = run("training-side tests", [vpy, "-m", "pytest", "-q", "-p", "no:cacheprovider", *tests], log,
-               env=env, cwd=ROOT)
+    proc = run(
+        "training-side tests", [vpy, "-m", "pytest", "-q", "-p", "no:cacheprovider", *tests], log, env=env, cwd=ROOT
+    )
     summary = subprocess.run(["tail", "-n", "1", log], capture_output=True, text=True).stdout.strip()
     print(f"    {summary}", flush=True)
     steps.append(("training-side tests", ok(proc)))
@@ -223,21 +269,31 @@ def main(argv: list[str] | None = None) -> int:
     if ok(run("build the embedded model", [vpy, "-m", "orpo_demo.build", tiny], log, env=env, cwd=ROOT)):
         config = env_dir / "tiny-cpu.yml"
         text = (ROOT / "example_configs" / "tiny-cpu.yml").read_text().replace("build/tiny", str(tiny))
-        config.write_text(re.sub(r"(?m)^max_steps: .*$", "max_steps: 30", text).replace("eval_steps: 50",
-                                                                                           "eval_steps: 30"))
-        proc = run("axolotl train (embedded model, 30 steps)", [venv / "bin" / "axolotl", "train", config], log,
-                   env=env, cwd=ROOT)
+        config.write_text(
+            re.sub(r"(?m)^max_steps: .*$", "max_steps: 30", text).replace("eval_steps: 50", "eval_steps: 30")
+        )
+        proc = run(
+            "axolotl train (embedded model, 30 steps)",
+            [venv / "bin" / "axolotl", "train", config],
+            log,
+            env=env,
+            cwd=ROOT,
+        )
         if ok(proc):
             for split in ("loss", "eval_loss"):
-                print(f"    last {split.replace('loss', 'log').replace('_', ' ')}: {last_logged(log, split)}",
-                      flush=True)
+                print(
+                    f"    last {split.replace('loss', 'log').replace('_', ' ')}: {last_logged(log, split)}", flush=True
+                )
         steps.append(("axolotl train", ok(proc)))
     else:
         steps.append(("build the embedded model", False))
 
     failed = [name for name, passed in steps if not passed]
-    print(f"compat: axolotl {axolotl}, Python {py_version}: " + (f"FAILED: {', '.join(failed)}" if failed
-                                                                  else "all steps passed"), flush=True)
+    print(
+        f"compat: axolotl {axolotl}, Python {py_version}: "
+        + (f"FAILED: {', '.join(failed)}" if failed else "all steps passed"),
+        flush=True,
+    )
     return 1 if failed else 0
 
 

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import click
 
+from serve.serving import limits
+
 DEFAULT_QUANTS = ("q8_0", "q4_k_m")
 
 
@@ -22,7 +24,7 @@ def _interrupt(signum, frame):
 def _held_out(files: list[str], limit: int, on_bad_row: str) -> list:
     """Up to `limit` preference pairs from these files, in order (any format training reads)."""
     from orpo_plugin.core.formats import OrpoDataError
-    from serve.evaluate import load_pairs
+    from orpo_plugin.core.rows import load_pairs
 
     pairs = []
     for path in files:
@@ -35,34 +37,47 @@ def _held_out(files: list[str], limit: int, on_bad_row: str) -> list:
     return pairs
 
 
-def _run_export(base, adapter, out, quants, force, threads, num_ctx, eval_pairs, eval_limit, keep_accuracy,
-                on_bad_row, held_out=()):
+def _run_export(
+    base, adapter, out, quants, force, threads, num_ctx, eval_pairs, eval_limit, keep_accuracy, on_bad_row, held_out=()
+):
     """held_out: the pair files to use when --eval-pairs is not given (the config's test_datasets)."""
     import signal
 
-    from serve.convert import ConversionError
-    from serve.export import ExportError, export, report_table, stage_table
-    from serve.merge import MergeError
-    from serve.preference import table as preference_table
-    from serve.quantize import QuantizeError
+    from serve.export.convert import ConversionError
+    from serve.export.merge import MergeError
+    from serve.export.pipeline import ExportError, export, report_table, stage_table
+    from serve.export.preference import table as preference_table
+    from serve.export.quantize import QuantizeError
 
     pairs = _held_out([eval_pairs] if eval_pairs else list(held_out), eval_limit, on_bad_row)
     signal.signal(signal.SIGTERM, _interrupt)  # like Ctrl-C: temporary files are removed on the way out
     try:
-        report = export(base, adapter, out, list(quants), force=force, threads=threads, num_ctx=num_ctx,
-                        progress=lambda msg: click.echo(f"orpo: {msg}", err=True), eval_pairs=pairs,
-                        keep_accuracy=keep_accuracy)
+        report = export(
+            base,
+            adapter,
+            out,
+            list(quants),
+            force=force,
+            threads=threads,
+            num_ctx=num_ctx,
+            progress=lambda msg: click.echo(f"orpo: {msg}", err=True),
+            eval_pairs=pairs,
+            keep_accuracy=keep_accuracy,
+        )
     except KeyboardInterrupt:
-        click.echo(f"orpo: interrupted; no temporary file is left in {out}, and files already complete keep "
-                   f"their names", err=True)
+        click.echo(
+            f"orpo: interrupted; no temporary file is left in {out}, and files already complete keep their names",
+            err=True,
+        )
         raise click.exceptions.Exit(130) from None
     except (ExportError, MergeError, ConversionError, QuantizeError) as err:
         raise click.ClickException(str(err)) from None
     except OSError as err:  # disk full, file too large, permissions: nothing was left under a final name
         where = err.filename or out
         why = err.strerror or f"short write ({err}), is the disk full?"
-        raise click.ClickException(f"could not write {where}: {why}; free space or pick another --out, "
-                                   f"then rerun with --force") from None
+        raise click.ClickException(
+            f"could not write {where}: {why}; free space or pick another --out, then rerun with --force"
+        ) from None
     click.echo(stage_table(report))
     click.echo(report_table(report))
     if not report["logits"]["checked"]:
@@ -78,24 +93,51 @@ def _run_export(base, adapter, out, quants, force, threads, num_ctx, eval_pairs,
         click.echo(f"orpo: CHECK FAILED: {line}", err=True)
 
 
-_on_bad_row = click.option("--on-bad-row", type=click.Choice(["error", "skip"]), default="error",
-                           show_default=True, help="a row that is not a preference pair: stop, naming its file and "
-                                                   "line, or skip it")
+_on_bad_row = click.option(
+    "--on-bad-row",
+    type=click.Choice(["error", "skip"]),
+    default="error",
+    show_default=True,
+    help="a row that is not a preference pair: stop, naming its file and line, or skip it",
+)
 _options = [
-    click.option("--quant", "quants", multiple=True, default=DEFAULT_QUANTS, show_default=True,
-                 help="GGUF type to write; repeat for several (f32, f16, bf16, q8_0, q4_k_m, q5_k_m, q6_k, ...)"),
-    click.option("--force", is_flag=True, help="replace the files an earlier export wrote to --out (model-<quant>.gguf, "
-                 "Modelfile, export_report.json); nothing else there is touched"),
+    click.option(
+        "--quant",
+        "quants",
+        multiple=True,
+        default=DEFAULT_QUANTS,
+        show_default=True,
+        help="GGUF type to write; repeat for several (f32, f16, bf16, q8_0, q4_k_m, q5_k_m, q6_k, ...)",
+    ),
+    click.option(
+        "--force",
+        is_flag=True,
+        help="replace the files an earlier export wrote to --out (model-<quant>.gguf, "
+        "Modelfile, export_report.json); nothing else there is touched",
+    ),
     click.option("--threads", type=int, default=max(1, (os.cpu_count() or 2)), show_default=True),
     click.option("--num-ctx", type=int, default=4096, show_default=True, help="num_ctx in the Modelfile"),
-    click.option("--eval-pairs", type=click.Path(exists=True, dir_okay=False), default=None,
-                 help="held-out preference pairs (any format training reads): preference accuracy of the merged "
-                      "model and of each file"),
-    click.option("--eval-limit", type=click.IntRange(min=0), default=200, show_default=True,
-                 help="score the first N held-out pairs (0: none)"),
-    click.option("--keep-accuracy", type=click.FloatRange(min=0, max=1, min_open=True), default=None,
-                 help="make the Modelfile use the smallest file that keeps this share of the merged model's "
-                      "preference accuracy (e.g. 0.99); needs held-out pairs"),
+    click.option(
+        "--eval-pairs",
+        type=click.Path(exists=True, dir_okay=False),
+        default=None,
+        help="held-out preference pairs (any format training reads): preference accuracy of the merged "
+        "model and of each file",
+    ),
+    click.option(
+        "--eval-limit",
+        type=click.IntRange(min=0),
+        default=200,
+        show_default=True,
+        help="score the first N held-out pairs (0: none)",
+    ),
+    click.option(
+        "--keep-accuracy",
+        type=click.FloatRange(min=0, max=1, min_open=True),
+        default=None,
+        help="make the Modelfile use the smallest file that keeps this share of the merged model's "
+        "preference accuracy (e.g. 0.99); needs held-out pairs",
+    ),
     _on_bad_row,
 ]
 
@@ -121,64 +163,122 @@ def merge_and_quantize(base, adapter, out, **options):
     _run_export(base, adapter, out, **options)
 
 
-_threads = click.option("--n-threads", "threads", type=int, default=None,
-                        help="CPU threads [default: all cores]")
+_threads = click.option("--n-threads", "threads", type=int, default=None, help="CPU threads [default: all cores]")
 _n_ctx = click.option("--n-ctx", type=int, default=4096, show_default=True, help="context size in tokens")
-_score_batch = click.option("--score-batch", type=click.IntRange(min=1), default=None, metavar="TOKENS",
-                            help="tokens of preference pairs scored per batch on a GGUF, whole pairs, every "
-                                 "prompt once [default: 512, at most --n-ctx]")
+
+
+def _limit(flag: str, kind, default, help: str):
+    """One of `orpo serve`'s limits on requests (serve.serving.limits has the defaults)."""
+    return click.option(flag, type=kind, default=default, show_default=True, help=help)
+
+
+_score_batch = click.option(
+    "--score-batch",
+    type=click.IntRange(min=1),
+    default=None,
+    metavar="TOKENS",
+    help="tokens of preference pairs scored per batch on a GGUF, whole pairs, every "
+    "prompt once [default: 512, at most --n-ctx]",
+)
 
 
 @main.command("serve")
 @click.argument("model", type=click.Path(dir_okay=False))
 @click.option("--host", default="127.0.0.1", show_default=True, help="interface to bind (loopback by default)")
 @click.option("--port", type=int, default=8000, show_default=True)
-@click.option("--api-key", default=None, envvar="ORPO_API_KEY",
-              help="require `Authorization: Bearer KEY` on every route but /health [env: ORPO_API_KEY]")
+@click.option(
+    "--api-key",
+    default=None,
+    envvar="ORPO_API_KEY",
+    help="require `Authorization: Bearer KEY` on every route but /health [env: ORPO_API_KEY]",
+)
 @_n_ctx
 @_threads
-@click.option("--max-pairs", type=int, default=64, show_default=True, help="pairs per /v1/score request")
-@click.option("--allowed-host", "allowed_hosts", multiple=True, metavar="NAME",
-              help="also serve requests whose Host header is NAME (repeatable; '*' for any). By default only "
-                   "localhost names and the --host address are served, so DNS rebinding fails")
-@click.option("--cors-origin", "cors_origins", multiple=True, metavar="ORIGIN",
-              help="let web pages from ORIGIN (e.g. http://localhost:3000) call the API (repeatable); "
-                   "no CORS by default")
-@click.option("--request-timeout", type=click.FloatRange(min=1), default=600, show_default=True,
-              help="seconds a chat or completion may generate; it then ends with finish_reason \"length\"")
-@click.option("--read-timeout", type=click.FloatRange(min=0.1), default=30, show_default=True,
-              help="seconds a client has to send its request body")
+@_limit("--max-pairs", click.IntRange(min=1), limits.MAX_PAIRS, "pairs per /v1/score request")
+@click.option(
+    "--allowed-host",
+    "allowed_hosts",
+    multiple=True,
+    metavar="NAME",
+    help="also serve requests whose Host header is NAME (repeatable; '*' for any). By default only "
+    "localhost names and the --host address are served, so DNS rebinding fails",
+)
+@click.option(
+    "--cors-origin",
+    "cors_origins",
+    multiple=True,
+    metavar="ORIGIN",
+    help="let web pages from ORIGIN (e.g. http://localhost:3000) call the API (repeatable); no CORS by default",
+)
+@_limit(
+    "--request-timeout",
+    click.FloatRange(min=1),
+    limits.REQUEST_TIMEOUT,
+    'seconds a chat or completion may generate; it then ends with finish_reason "length"',
+)
+@_limit(
+    "--read-timeout", click.FloatRange(min=0.1), limits.READ_TIMEOUT, "seconds a client has to send its request body"
+)
 @_score_batch
-def serve(model, host, port, api_key, n_ctx, threads, max_pairs, allowed_hosts, cors_origins, request_timeout,
-          read_timeout, score_batch):
+def serve(
+    model,
+    host,
+    port,
+    api_key,
+    n_ctx,
+    threads,
+    max_pairs,
+    allowed_hosts,
+    cors_origins,
+    request_timeout,
+    read_timeout,
+    score_batch,
+):
     """OpenAI-compatible chat and completions, plus POST /v1/score (chosen vs rejected)."""
     import uvicorn
 
     from serve.llama import GGUFError, LlamaVersionError
-    from serve.server import LOCAL_HOSTS, ServeError, create_app
+    from serve.serving.app import ServeError, create_app
 
-    hosts = (*LOCAL_HOSTS, *([] if host in ("0.0.0.0", "::") else [host]), *allowed_hosts)
+    hosts = (*limits.LOCAL_HOSTS, *([] if host in ("0.0.0.0", "::") else [host]), *allowed_hosts)
     try:
+        # fmt: off
         app = create_app(model, api_key=api_key, n_ctx=n_ctx, n_threads=threads, max_pairs=max_pairs,
                          allowed_hosts=hosts, cors_origins=cors_origins, request_timeout=request_timeout,
                          read_timeout=read_timeout, score_batch=score_batch)
+        # fmt: on
     except (ServeError, GGUFError, LlamaVersionError) as err:
         raise click.ClickException(str(err)) from None
     if n_ctx > app.state.trained_context > 0:
-        click.echo(f"orpo: warning: --n-ctx {n_ctx} is more than the {app.state.trained_context} tokens {model} was "
-                   f"trained on; past that its answers degrade (pass --n-ctx {app.state.trained_context})", err=True)
-    click.echo(f"orpo: serving {model} on http://{host}:{port} (OpenAI API under /v1, scoring at /v1/score, "
-               f"GET /health)", err=True)
+        click.echo(
+            f"orpo: warning: --n-ctx {n_ctx} is more than the {app.state.trained_context} tokens {model} was "
+            f"trained on; past that its answers degrade (pass --n-ctx {app.state.trained_context})",
+            err=True,
+        )
+    click.echo(
+        f"orpo: serving {model} on http://{host}:{port} (OpenAI API under /v1, scoring at /v1/score, GET /health)",
+        err=True,
+    )
     # On SIGTERM or Ctrl-C, requests still running after 1 s are cancelled: generations stop at their next token.
     uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=1)
 
 
 @main.command("score")
 @click.argument("models", nargs=-1, required=True)
-@click.option("--pairs", "pairs_path", required=True, type=click.Path(exists=True, dir_okay=False),
-              help="preference pairs, in any dataset format training reads (JSONL or JSON)")
-@click.option("--report", "report_path", type=click.Path(dir_okay=False), default=None,
-              help="write every pair's scores and the summaries as JSON")
+@click.option(
+    "--pairs",
+    "pairs_path",
+    required=True,
+    type=click.Path(exists=True, dir_okay=False),
+    help="preference pairs, in any dataset format training reads (JSONL or JSON)",
+)
+@click.option(
+    "--report",
+    "report_path",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="write every pair's scores and the summaries as JSON",
+)
 @click.option("--limit", type=int, default=None, help="score the first N pairs only")
 @_on_bad_row
 @_n_ctx
@@ -187,10 +287,11 @@ def serve(model, host, port, api_key, n_ctx, threads, max_pairs, allowed_hosts, 
 def score(models, pairs_path, report_path, limit, on_bad_row, n_ctx, threads, score_batch):
     """Preference accuracy of each MODEL (GGUF file, HF model directory, or a LoRA adapter
     directory from `axolotl train`) on held-out pairs."""
+    from orpo_plugin.core.atomic import write_json
     from orpo_plugin.core.formats import OrpoDataError
-    from serve.evaluate import load_pairs, score_models, summary_table, write_report
+    from orpo_plugin.core.rows import load_pairs
     from serve.llama import GGUFError, LlamaVersionError
-    from serve.scoring import ScoreError
+    from serve.scoring import ScoreError, score_models, score_table
 
     try:
         pairs = load_pairs(pairs_path, on_bad_row, limit)
@@ -198,9 +299,9 @@ def score(models, pairs_path, report_path, limit, on_bad_row, n_ctx, threads, sc
     except (OrpoDataError, ScoreError, GGUFError, LlamaVersionError) as err:
         raise click.ClickException(str(err)) from None
     report["pairs_file"] = str(pairs_path)
-    click.echo(summary_table(report))
+    click.echo(score_table(report))
     if report_path:
-        write_report(report, report_path)
+        write_json(report_path, report)
         click.echo(f"wrote {report_path}")
 
 
@@ -213,8 +314,8 @@ def score(models, pairs_path, report_path, limit, on_bad_row, n_ctx, threads, sc
 @click.option("--system", default=None, help="system prompt")
 def chat(model, n_ctx, threads, max_tokens, temperature, system):
     """Chat in the terminal with a GGUF, using its embedded chat template."""
-    from serve.chat import chat as run
     from serve.llama import GGUFError, LlamaVersionError, check_gguf, check_version
+    from serve.serving.chat import chat as run
 
     try:
         check_gguf(model)
@@ -256,8 +357,14 @@ def axolotl_merge_and_quantize(config, out, quants, **options):
     base = cfg["base_model"] if adapter else output_dir  # a full fine-tune saved its weights there
     if click.get_current_context().get_parameter_source("quants") is click.core.ParameterSource.DEFAULT:
         quants = _export_block_quants(config, cfg.get("export")) or quants
-    _run_export(base, adapter, out or output_dir / "gguf", quants, **options,
-                held_out=_test_dataset_files(config, cfg.get("test_datasets")))
+    _run_export(
+        base,
+        adapter,
+        out or output_dir / "gguf",
+        quants,
+        **options,
+        held_out=_test_dataset_files(config, cfg.get("test_datasets")),
+    )
 
 
 def _test_dataset_files(config, entries) -> list[str]:
@@ -269,8 +376,11 @@ def _test_dataset_files(config, entries) -> list[str]:
         if path and Path(path).is_file():
             files.append(path)
         else:
-            click.echo(f"orpo: {config}: test_datasets[{i}] ({path}) is not a local file; the preference check "
-                       f"leaves it out (pass --eval-pairs FILE)", err=True)
+            click.echo(
+                f"orpo: {config}: test_datasets[{i}] ({path}) is not a local file; the preference check "
+                f"leaves it out (pass --eval-pairs FILE)",
+                err=True,
+            )
     return files
 
 
@@ -286,15 +396,18 @@ def _export_block_quants(config, block) -> list[str]:
         quantize = quantize.split(",")
     if not isinstance(quantize, list):
         raise click.ClickException(f"{config}: export.quantize must be a list of GGUF types, e.g. [Q4_K_M, Q8_0]")
-    from serve.export import writable_types
+    from serve.export.pipeline import writable_types
 
     outtype = str(block.get("outtype") or "f16").lower()
-    asked = [("outtype", "f16" if outtype == "auto" else outtype)] + [("quantize", str(q).strip().lower())
-                                                                      for q in quantize]
+    asked = [("outtype", "f16" if outtype == "auto" else outtype)] + [
+        ("quantize", str(q).strip().lower()) for q in quantize
+    ]
     for key, quant in asked:
         if quant not in writable_types():
-            raise click.ClickException(f"{config}: export.{key}: {quant.upper()} is not a type merge-and-quantize "
-                                       f"writes; choose from {', '.join(writable_types())}")
+            raise click.ClickException(
+                f"{config}: export.{key}: {quant.upper()} is not a type merge-and-quantize "
+                f"writes; choose from {', '.join(writable_types())}"
+            )
     return list(dict.fromkeys(quant for _, quant in asked))
 
 

@@ -10,10 +10,13 @@
   `Llama._model`) with `n_seq_max` sequences and a unified KV cache, which Llama's constructor
   does not take, then decodes through llama.cpp's public C API (`MultiSequence`).
 - The end-of-generation token set (`llama_vocab_is_eog` on `Llama._model.vocab`).
-- `LlamaModel.detokenize` / `token_to_piece` are replaced by versions without a 32-byte limit per
-  token, so chat, streaming and completions keep every token's text.
+- `LlamaModel.detokenize` / `token_to_piece` (`llama_cpp._internals`) are replaced by versions
+  without a 32-byte limit per token, so chat, streaming and completions keep every token's text:
+  install_fixes(), which open_gguf calls, the one way a GGUF is loaded here.
+- `llama_cpp._logger`: silenced while a vocabulary is read.
 
-These are tested with the versions in TESTED_VERSIONS; any other stops with one message.
+INTERNALS lists them all (tests/test_layout.py checks that no other module touches them). They
+are tested with the versions in TESTED_VERSIONS; any other stops with one message.
 """
 
 from __future__ import annotations
@@ -28,6 +31,18 @@ import llama_cpp
 import numpy as np
 
 TESTED_VERSIONS = ("0.3.36",)
+INTERNALS = (
+    "Llama._ctx",
+    "Llama._batch",
+    "Llama._stack",
+    "Llama._model",
+    "Llama._requires_eval",
+    "Llama.n_tokens",
+    "Llama.input_ids",
+    "llama_cpp._internals.LlamaModel",
+    "llama_cpp._internals.LlamaContext",
+    "llama_cpp._logger",
+)
 
 
 class LlamaVersionError(RuntimeError):
@@ -35,13 +50,13 @@ class LlamaVersionError(RuntimeError):
 
 
 def check_version() -> None:
-    """Stop on an untested llama-cpp-python; on a tested one, install the fixes below (once)."""
+    """Stop on an untested llama-cpp-python (its INTERNALS may have changed)."""
     if llama_cpp.__version__ not in TESTED_VERSIONS:
         raise LlamaVersionError(
             f"llama-cpp-python {llama_cpp.__version__} is not a version this project was tested with "
             f"({', '.join(TESTED_VERSIONS)}): scoring reads its internals (see serve/llama.py). Install "
-            f"llama-cpp-python=={TESTED_VERSIONS[-1]}.")
-    _install_fixes()
+            f"llama-cpp-python=={TESTED_VERSIONS[-1]}."
+        )
 
 
 def _piece(vocab, token: int, special: bool, buffer) -> tuple[bytes, object]:
@@ -70,7 +85,8 @@ def _token_to_piece(self, token: int, special: bool = False) -> bytes:
 
 
 @functools.cache
-def _install_fixes() -> None:
+def install_fixes() -> None:
+    """Replace LlamaModel's detokenize and token_to_piece for this process (once)."""
     from llama_cpp._internals import LlamaModel
 
     LlamaModel.detokenize = _detokenize
@@ -108,16 +124,17 @@ def settings(path: str | Path, n_ctx: int = 4096, threads: int | None = None, **
     """The keyword arguments every Llama of this project is opened with (also the server's
     ModelSettings)."""
     threads = threads or default_threads()
-    return dict(model_path=str(path), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads, verbose=False,
-                **extra)
+    return dict(model_path=str(path), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads, verbose=False, **extra)
 
 
-def open_gguf(path: str | Path, n_ctx: int = 4096, threads: int | None = None, sequences: int = 1,
-              **extra) -> llama_cpp.Llama:
+def open_gguf(
+    path: str | Path, n_ctx: int = 4096, threads: int | None = None, sequences: int = 1, **extra
+) -> llama_cpp.Llama:
     """The one way to load a GGUF with llama.cpp here. sequences > 1: its context holds that many
     sequences in one KV cache (MultiSequence decodes on them; generation uses sequence 0)."""
     check_version()
     check_gguf(path)
+    install_fixes()
     llm = llama_cpp.Llama(**settings(path, n_ctx, threads, **extra))
     if sequences > 1:
         _hold_sequences(llm, sequences)
@@ -135,8 +152,9 @@ def _hold_sequences(llm: llama_cpp.Llama, n_seq_max: int) -> None:
     params.n_seq_max = min(n_seq_max, llama_cpp.llama_max_parallel_sequences(), llm.n_batch)
     params.kv_unified = True
     llm._ctx.close()
-    llm._ctx = llm._stack.enter_context(contextlib.closing(
-        _internals.LlamaContext(model=llm._model, params=params, verbose=llm.verbose)))
+    llm._ctx = llm._stack.enter_context(
+        contextlib.closing(_internals.LlamaContext(model=llm._model, params=params, verbose=llm.verbose))
+    )
     llm.n_tokens = 0
 
 
@@ -213,10 +231,10 @@ class KVCache:
         llm._requires_eval = True  # our logits rows are ours: a generation re-decodes its last prompt token
         try:
             for start in range(0, len(tokens), llm.n_batch):
-                batch = tokens[start:start + llm.n_batch]
+                batch = tokens[start : start + llm.n_batch]
                 llm._batch.set_batch(batch=batch, n_past=llm.n_tokens, logits_all=every_row)
                 llm._ctx.decode(llm._batch)
-                llm.input_ids[llm.n_tokens:llm.n_tokens + len(batch)] = batch
+                llm.input_ids[llm.n_tokens : llm.n_tokens + len(batch)] = batch
                 llm.n_tokens += len(batch)
                 n_out = len(batch) if every_row else 1
                 logits = np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(n_out * llm.n_vocab(),))
@@ -262,8 +280,9 @@ class MultiSequence:
         """Empty the KV cache (every sequence) and llama-cpp-python's record of it."""
         self.cache.clear()
 
-    def decode(self, tokens: np.ndarray, pos: np.ndarray, seqs: np.ndarray, n_seqs: np.ndarray,
-               outputs: np.ndarray) -> np.ndarray:
+    def decode(
+        self, tokens: np.ndarray, pos: np.ndarray, seqs: np.ndarray, n_seqs: np.ndarray, outputs: np.ndarray
+    ) -> np.ndarray:
         """One llama_decode of at most n_batch tokens: token i at position pos[i] in sequences
         seqs[i, :n_seqs[i]]; returns the logits [outputs.sum(), vocab] (float32, a view valid until
         the next decode) of the tokens where outputs is true, in batch order."""
@@ -273,7 +292,7 @@ class MultiSequence:
         self._batch.n_tokens = n
         self._token[:n], self._pos[:n], self._n_seq[:n], self._output[:n] = tokens, pos, n_seqs, outputs
         for i in range(n):
-            self._seq[i][:n_seqs[i]] = seqs[i, :n_seqs[i]]
+            self._seq[i][: n_seqs[i]] = seqs[i, : n_seqs[i]]
         self.llm._requires_eval = True
         code = llama_cpp.llama_decode(self.llm._ctx.ctx, self._batch)
         if code != 0:
@@ -307,8 +326,13 @@ def grammar_error(model_path: str | Path, grammar: str) -> str | None:
     import sys
 
     try:
-        proc = subprocess.run([sys.executable, "-m", "serve.llama", str(model_path)], input=grammar.encode(),
-                              capture_output=True, timeout=60, env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path)))
+        proc = subprocess.run(
+            [sys.executable, "-m", "serve.llama", str(model_path)],
+            input=grammar.encode(),
+            capture_output=True,
+            timeout=60,
+            env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path)),
+        )
     except subprocess.TimeoutExpired:
         return "llama.cpp took over 60 s to parse it"
     if proc.returncode == 0:

@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 
 from orpo_plugin.core.atomic import atomic_path
+from orpo_plugin.core.files import LOG_HISTORY
 
 PANELS = (  # (title, [(metric, label)])
     ("average log-prob of the answers", [("logps/chosen", "chosen"), ("logps/rejected", "rejected")]),
@@ -26,14 +27,15 @@ class PlotError(ValueError):
 
 def log_history(output_dir: str | Path) -> list[dict]:
     output_dir = Path(output_dir)
-    ours = output_dir / "orpo_log_history.jsonl"
+    ours = output_dir / LOG_HISTORY
     if ours.is_file():  # a line cut short by a killed run is skipped
         return [entry for line in ours.read_text().splitlines() if (entry := _entry(line)) is not None]
     states = sorted(output_dir.glob("checkpoint-*/trainer_state.json"), key=lambda p: int(p.parent.name.split("-")[-1]))
     if states:
         return json.loads(states[-1].read_text())["log_history"]
-    raise PlotError(f"{output_dir}: no orpo_log_history.jsonl and no checkpoint-*/trainer_state.json; pass the "
-                    f"output_dir of a training run")
+    raise PlotError(
+        f"{output_dir}: no {LOG_HISTORY} and no checkpoint-*/trainer_state.json; pass the output_dir of a training run"
+    )
 
 
 def _entry(line: str) -> dict | None:

@@ -1,25 +1,36 @@
-"""Chosen-vs-rejected scoring, the quantities the trainer logged, for a GGUF or an HF model.
+"""Chosen-vs-rejected scoring, the quantities the trainer logged, for a GGUF or an HF model: the
+one module behind the export's preference check, `orpo score` and `/v1/score`.
 
 A pair is tokenized by the core exactly as training tokenized it (orpo_plugin.core.tokenize: the
 prompt rendered with the chat template and the generation prompt, each answer tokenized on its
 own and closed by EOS), its answer tokens' log-probs come from core.logprobs, and the pair is
 compared with core.odds, the code the training metrics run. With llama.cpp the shared prompt is
-evaluated once per pair: its KV cache is kept and each answer is decoded on top of it.
+evaluated once per pair: its KV cache is kept and each answer is decoded on top of it, and
+several pairs share one decode (LlamaCppScorer's packs).
 
-Nothing here imports torch unless an HF model is scored.
+A pair is anything with prompt, chosen and rejected (core.formats.Pair, as `orpo score` reads
+them from a dataset file, or PairText, which also scores raw text). Nothing here imports torch
+unless an HF model is scored.
 """
 
 from __future__ import annotations
 
+import importlib.util
+from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
 from orpo_plugin.core import odds
-from orpo_plugin.core.chat_template import render as render_template
 from orpo_plugin.core.formats import OrpoDataError
-from orpo_plugin.core.logprobs import logsumexp, target_logprobs
+from orpo_plugin.core.logprobs import target_logprobs
 from orpo_plugin.core.tokenize import tokenize_pair
+from serve.llama import is_gguf
+
+PACK_PAIRS = 64  # pairs one llama.cpp decode holds at most
+SEQUENCES = 2 * PACK_PAIRS  # KV cache sequences a scoring Llama is opened with: one per answer
+ROWS_AT_ONCE = 64  # logits rows widened to float64 at a time: vocabularies are large
 
 
 class ScoreError(ValueError):
@@ -36,45 +47,13 @@ class PairText:
     template: bool = True
 
 
-# -- tokenization: the training path, for HF tokenizers and for a GGUF's own ------------------
-class GGUFTokenizer:
-    """The part of an HF tokenizer that core.tokenize uses, backed by llama.cpp's tokenizer and the
-    GGUF's embedded chat template (rendered by core.chat_template, as transformers renders it)."""
-
-    def __init__(self, llm):
-        self.llm = llm
-        self.eos_token_id = llm.token_eos()
-        # As HF: a BOS only where the tokenizer adds one. A GGUF that says no (Qwen2) still names
-        # one, and llama.cpp falls back to token 11 where it names none.
-        declared = "tokenizer.ggml.bos_token_id" in llm.metadata
-        adds_bos = llm.metadata.get("tokenizer.ggml.add_bos_token") == "true"
-        self.bos_token_id = llm.token_bos() if declared and adds_bos else None
-        self.eos_token = self._text(self.eos_token_id)
-        self.bos_token = self._text(llm.token_bos()) if declared else None  # for templates that write it
-        self.chat_template = llm.metadata.get("tokenizer.chat_template")
-
-    def _text(self, token_id: int) -> str:
-        return self.llm.detokenize([token_id], special=True).decode("utf-8", errors="replace")
-
-    def __call__(self, texts, add_special_tokens: bool = True):
-        one = isinstance(texts, str)
-        # llama.cpp adds BOS only where the GGUF says the model wants it (tokenizer.ggml.add_bos_token).
-        ids = [self.llm.tokenize(t.encode(), add_bos=add_special_tokens, special=True)
-               for t in ([texts] if one else texts)]
-        return {"input_ids": ids[0] if one else ids}
-
-    def apply_chat_template(self, messages, chat_template=None, tokenize=False, add_generation_prompt=False,
-                            tools=None):
-        return render_template(chat_template or self.chat_template, messages, add_generation_prompt,
-                               bos_token=self.bos_token or "", eos_token=self.eos_token, tools=tools)
-
-
-def encode_pair(tokenizer, pair: PairText) -> tuple[list[int], list[int], list[int]]:
+# -- a pair as token ids, as training made them --------------------------------------------
+def pair_ids(tokenizer, pair) -> tuple[list[int], list[int], list[int]]:
     """(prompt, chosen, rejected) ids as training made them."""
     prompt = pair.prompt
-    if pair.template:
+    if getattr(pair, "template", True):
         if not tokenizer.chat_template:
-            raise ScoreError("the model has no chat template; send \"template\": false to score raw text")
+            raise ScoreError('the model has no chat template; send "template": false to score raw text')
         if isinstance(prompt, str):
             prompt = [{"role": "user", "content": prompt}]
     try:
@@ -85,9 +64,6 @@ def encode_pair(tokenizer, pair: PairText) -> tuple[list[int], list[int], list[i
 
 
 # -- log-probs of answer tokens ---------------------------------------------------------------
-SEQUENCES = 128  # KV cache sequences a scoring Llama is opened with (open_gguf): 64 pairs per batch
-
-
 def pair_tokens(prompt: list[int], chosen: list[int], rejected: list[int]) -> int:
     """Tokens (and KV cells) a pair takes when both answers sit on one prompt: the prompt, and each
     answer but its last token (whose logits nothing reads)."""
@@ -135,8 +111,9 @@ class LlamaCppScorer(Scorer):
         packs, current, size = [], [], 0
         for i, pair in enumerate(pairs):
             tokens = pair_tokens(*pair)
-            if current and (size + tokens > self.pack_tokens or 2 * (len(current) + 1) > self.multi.n_seq_max
-                            or tokens > self.n_ctx):
+            if current and (
+                size + tokens > self.pack_tokens or 2 * (len(current) + 1) > self.multi.n_seq_max or tokens > self.n_ctx
+            ):
                 packs.append(current)
                 current, size = [], 0
             current.append(i)
@@ -165,7 +142,7 @@ class LlamaCppScorer(Scorer):
                 rows = np.concatenate([last, cache.decode(answer[:-1], every_row=True)]) if len(answer) > 1 else last
             else:
                 cache.clear()
-                rows = cache.decode(prompt + answer[:-1], every_row=True)[len(prompt) - 1:]
+                rows = cache.decode(prompt + answer[:-1], every_row=True)[len(prompt) - 1 :]
             out.append(target_logprobs(rows.astype(np.float64), np.asarray(answer)))
         return out
 
@@ -178,8 +155,11 @@ def _pack_layout(pairs: list[tuple]):
     row = 0
     for k, (prompt, chosen, rejected) in enumerate(pairs):
         n_p = len(prompt)
-        for part, seq_ids, first in ((prompt, (2 * k, 2 * k + 1), 0), (chosen[:-1], (2 * k, 0), n_p),
-                                     (rejected[:-1], (2 * k + 1, 0), n_p)):
+        for part, seq_ids, first in (
+            (prompt, (2 * k, 2 * k + 1), 0),
+            (chosen[:-1], (2 * k, 0), n_p),
+            (rejected[:-1], (2 * k + 1, 0), n_p),
+        ):
             is_prompt = first == 0
             tokens.append(np.asarray(part, dtype=np.int32))
             pos.append(np.arange(first, first + len(part), dtype=np.int32))
@@ -196,8 +176,16 @@ def _pack_layout(pairs: list[tuple]):
         bounds += [len(chosen), len(rejected)]
         row += len(chosen) + len(rejected) - 1
     cat = np.concatenate
-    return (cat(tokens), cat(pos), cat(seqs), cat(n_seqs), cat(outputs), cat(pick_row).astype(np.int64),
-            cat(pick_token).astype(np.int64), np.cumsum([0] + bounds))
+    return (
+        cat(tokens),
+        cat(pos),
+        cat(seqs),
+        cat(n_seqs),
+        cat(outputs),
+        cat(pick_row).astype(np.int64),
+        cat(pick_token).astype(np.int64),
+        np.cumsum([0] + bounds),
+    )
 
 
 def _decode_pack(multi, pairs: list[tuple]) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -208,18 +196,18 @@ def _decode_pack(multi, pairs: list[tuple]) -> list[tuple[np.ndarray, np.ndarray
         first_row = 0
         for start in range(0, len(tokens), multi.n_batch):
             end = start + multi.n_batch
-            logits = multi.decode(tokens[start:end], pos[start:end], seqs[start:end], n_seqs[start:end],
-                                  outputs[start:end])
+            logits = multi.decode(
+                tokens[start:end], pos[start:end], seqs[start:end], n_seqs[start:end], outputs[start:end]
+            )
             mine = np.flatnonzero((pick_row >= first_row) & (pick_row < first_row + len(logits)))
-            for block in range(0, len(mine), 64):  # float64 a few rows at a time: vocabularies are large
-                picks = mine[block:block + 64]
-                rows, inverse = np.unique(pick_row[picks] - first_row, return_inverse=True)
-                wide = logits[rows].astype(np.float64)
-                picked[picks] = wide[inverse, pick_token[picks]] - logsumexp(wide)[inverse]
+            for block in range(0, len(mine), ROWS_AT_ONCE):
+                picks = mine[block : block + ROWS_AT_ONCE]
+                rows = logits[pick_row[picks] - first_row].astype(np.float64)
+                picked[picks] = target_logprobs(rows, pick_token[picks])
             first_row += len(logits)
     finally:
         multi.clear()
-    answers = [picked[bounds[i]:bounds[i + 1]] for i in range(len(bounds) - 1)]
+    answers = [picked[bounds[i] : bounds[i + 1]] for i in range(len(bounds) - 1)]
     return list(zip(answers[0::2], answers[1::2]))
 
 
@@ -238,24 +226,28 @@ class HFScorer(Scorer):
         ids = torch.zeros(len(seqs), width, dtype=torch.long)
         mask = torch.zeros_like(ids)
         for i, s in enumerate(seqs):
-            ids[i, :len(s)], mask[i, :len(s)] = torch.tensor(s), 1
+            ids[i, : len(s)], mask[i, : len(s)] = torch.tensor(s), 1
         with torch.no_grad():
             logits = self.model(input_ids=ids, attention_mask=mask).logits
-        return [target_logprobs(logits[i, len(prompt) - 1:len(prompt) + len(a) - 1].double(), torch.tensor(a)).numpy()
-                for i, a in enumerate(answers)]
+        return [
+            target_logprobs(logits[i, len(prompt) - 1 : len(prompt) + len(a) - 1].double(), torch.tensor(a)).numpy()
+            for i, a in enumerate(answers)
+        ]
 
 
 # -- one pair, many pairs ---------------------------------------------------------------------
 def _answer(logprobs: np.ndarray) -> dict:
-    return {"logprob": float(logprobs.sum()), "avg_logprob": float(logprobs.mean()), "n_tokens": int(len(logprobs))}
+    return {"logprob": float(logprobs.sum()), "avg_logprob": float(logprobs.mean()), "n_tokens": len(logprobs)}
 
 
 def check_fits(scorer, prompt: list[int], chosen: list[int], rejected: list[int]) -> None:
     need = len(prompt) + max(len(chosen), len(rejected))
     if need > scorer.n_ctx:
-        raise ScoreError(f"the pair needs {need} tokens (prompt {len(prompt)}, longest answer "
-                         f"{max(len(chosen), len(rejected))}) but the context holds {scorer.n_ctx}; "
-                         f"shorten it or restart with a larger --n-ctx")
+        raise ScoreError(
+            f"the pair needs {need} tokens (prompt {len(prompt)}, longest answer "
+            f"{max(len(chosen), len(rejected))}) but the context holds {scorer.n_ctx}; "
+            f"shorten it or restart with a larger --n-ctx"
+        )
 
 
 def pair_result(lp_chosen: np.ndarray, lp_rejected: np.ndarray) -> dict:
@@ -270,16 +262,16 @@ def score_ids(scorer, prompt: list[int], chosen: list[int], rejected: list[int],
     return pair_result(*scorer.answer_logprobs(prompt, [chosen, rejected], reuse_prompt=reuse_prompt))
 
 
-def score_pair(scorer, tokenizer, pair: PairText, reuse_prompt: bool = True) -> dict:
-    return score_ids(scorer, *encode_pair(tokenizer, pair), reuse_prompt=reuse_prompt)
+def score_pair(scorer, tokenizer, pair, reuse_prompt: bool = True) -> dict:
+    return score_ids(scorer, *pair_ids(tokenizer, pair), reuse_prompt=reuse_prompt)
 
 
-def encode_pairs(scorer, tokenizer, pairs: list[PairText], where=None) -> list[tuple]:
-    """Each pair tokenized and checked against the context; an error names the pair by where(i)."""
+def fitting_pair_ids(scorer, tokenizer, pairs: list, where=None) -> list[tuple]:
+    """Each pair's ids (pair_ids), checked against the context; an error names the pair by where(i)."""
     encoded = []
     for i, pair in enumerate(pairs):
         try:
-            encoded.append(encode_pair(tokenizer, pair))
+            encoded.append(pair_ids(tokenizer, pair))
             check_fits(scorer, *encoded[-1])
         except ScoreError as err:
             raise ScoreError(f"{where(i)}: {err}" if where else str(err)) from None
@@ -292,8 +284,8 @@ def pack_results(scorer, encoded: list[tuple], pack: list[int]) -> list[dict]:
 
 
 def score_packs(scorer, encoded: list[tuple]):
-    """Yields (indices, results) pack by pack (scorer.plan); a server runs pack_results itself, one
-    pack per turn with the model."""
+    """Yields (indices, results) pack by pack (scorer.plan); the server runs pack_results itself,
+    one pack per turn with the model."""
     for pack in scorer.plan(encoded):
         yield pack, pack_results(scorer, encoded, pack)
 
@@ -314,3 +306,98 @@ def summarize(results: list[dict], reference: list[dict] | None = None) -> dict:
     if reference is not None:
         summary["agreement"] = sum(a["preferred"] == b["preferred"] for a, b in zip(results, reference)) / n
     return summary
+
+
+# -- `orpo score`: files of pairs through one or more models -----------------------------------
+def model_kind(path: str | Path) -> str:
+    path = Path(path)
+    if is_gguf(path):
+        return "gguf"
+    if (path / "adapter_config.json").is_file():
+        return "adapter"
+    if (path / "config.json").is_file():
+        return "hf"
+    raise ScoreError(
+        f"{path}: not a GGUF file, an adapter directory (adapter_config.json) or a model directory (config.json)"
+    )
+
+
+@contextmanager
+def open_model(path: str | Path, n_ctx: int = 4096, threads: int | None = None, score_batch: int | None = None):
+    """(scorer, tokenizer) for a GGUF (llama.cpp; score_batch tokens per llama.cpp scoring batch) or
+    an HF directory (transformers, fp32)."""
+    kind = model_kind(path)
+    if kind == "gguf":
+        from serve.llama import opened
+        from serve.tokenizer import GGUFTokenizer
+
+        with opened(path, n_ctx, threads, sequences=SEQUENCES) as llm:
+            yield LlamaCppScorer(llm, pack_tokens=score_batch), GGUFTokenizer(llm)
+    else:
+        needed = ("torch", "peft") if kind == "adapter" else ("torch",)
+        missing = [m for m in needed if importlib.util.find_spec(m) is None]
+        if missing:
+            raise ScoreError(
+                f"{path}: scoring a transformers model or adapter needs {' and '.join(missing)}, which "
+                f"the serve-only install leaves out; install orpo-plugin[train] (or "
+                f"{' '.join(missing)}), or score its GGUF export"
+            )
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        if threads:
+            torch.set_num_threads(threads)
+        if kind == "adapter":  # what `axolotl train` wrote: its base, with the adapter applied
+            from peft import AutoPeftModelForCausalLM
+
+            model = AutoPeftModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
+        yield HFScorer(model.eval()), AutoTokenizer.from_pretrained(str(path))
+
+
+def score_pairs(scorer, tokenizer, pairs: list, desc: str, progress: bool = True) -> list[dict]:
+    """Every pair's scores on one model, in the pairs' order (batched where the scorer batches)."""
+    from tqdm import tqdm
+
+    encoded = fitting_pair_ids(scorer, tokenizer, pairs, where=lambda i: f"pair {i + 1}")
+    results = [None] * len(pairs)
+    with tqdm(total=len(pairs), desc=desc, unit="pair", disable=not progress) as bar:
+        for pack, scored in score_packs(scorer, encoded):
+            for i, result in zip(pack, scored):
+                results[i] = result
+            bar.update(len(pack))
+    return results
+
+
+def score_models(
+    models: list[str],
+    pairs: list,
+    n_ctx: int = 4096,
+    threads: int | None = None,
+    progress: bool = True,
+    score_batch: int | None = None,
+) -> dict:
+    report, reference = {"pairs": len(pairs), "models": []}, None
+    for model in models:
+        kind = model_kind(model)
+        with open_model(model, n_ctx, threads, score_batch) as (scorer, tokenizer):
+            results = score_pairs(scorer, tokenizer, pairs, f"score {Path(model).name}", progress)
+        reference = reference or results
+        report["models"].append(
+            {"model": str(model), "kind": kind, **summarize(results, reference), "results": results}
+        )
+    return report
+
+
+def score_table(report: dict) -> str:
+    rows = [
+        "| model | pairs | accuracy | mean margin | mean log-odds ratio | agreement with first |",
+        "|---|---|---|---|---|---|",
+    ]
+    for m in report["models"]:
+        rows.append(
+            f"| {m['model']} | {m['pairs']} | {m['accuracy']:.3f} | {m['mean_margin']:+.4f} | "
+            f"{m['mean_log_odds_ratio']:+.4f} | {m['agreement']:.3f} |"
+        )
+    return "\n".join(rows)

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import os
 
-from orpo_demo.env import OFFLINE  # noqa: E402
+from orpo_demo.env import OFFLINE
 
 for _key, _value in {**OFFLINE, "CUDA_VISIBLE_DEVICES": ""}.items():
     os.environ.setdefault(_key, _value)
 
 import pytest  # noqa: E402
-
 import tiny  # noqa: E402
 
 
@@ -60,16 +59,16 @@ def fresh_plugins():
 def trained_tiny(tmp_path_factory, tiny_default):
     """The embedded default trained briefly through `axolotl train` and exported through
     `axolotl merge-and-quantize` (f16 and q8_0): {"base", "adapter", "gguf"} paths."""
-    from test_cli import BIN, _env, _tiny_config, _train
+    from test_cli import _axolotl, _tiny_config, _train
 
     root = tmp_path_factory.mktemp("trained")
-    config = _tiny_config(root, tiny_default, max_steps=150, test_datasets=None, eval_steps=None,
-                          save_strategy="no")
+    config = _tiny_config(root, tiny_default, max_steps=150, test_datasets=None, eval_steps=None, save_strategy="no")
     _train(config, "--launcher", "python")
-    import subprocess
-
-    proc = subprocess.run([str(BIN / "axolotl"), "merge-and-quantize", str(config), "--quant", "f16", "--quant",
-                           "q8_0"], cwd=root, env=_env(), capture_output=True, text=True, timeout=600)
+    proc = _axolotl("merge-and-quantize", config, "--quant", "f16", "--quant", "q8_0", cwd=root)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return {"base": tiny_default / "model", "adapter": root / "out", "gguf": root / "out" / "gguf",
-            "eval": tiny_default / "data" / "eval.jsonl"}
+    return {
+        "base": tiny_default / "model",
+        "adapter": root / "out",
+        "gguf": root / "out" / "gguf",
+        "eval": tiny_default / "data" / "eval.jsonl",
+    }

@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import copy
 
+import tiny
 import torch
 from datasets import Dataset
-
-import tiny
 
 # Prompts end with ChatML's "assistant\n" and answers start with a letter or digit, so a
 # byte-level BPE never merges across the boundary: TRL's joint tokenization and our
 # separate one give the same ids (the one TRL bug this data must avoid).
+# What the plugin logs at every logging step (TRL's ORPO names).
+METRICS = (
+    "loss nll_loss log_odds_ratio log_odds_chosen logps/chosen logps/rejected rewards/chosen rewards/rejected "
+    "rewards/margins rewards/accuracies"
+).split()
 PAIRS = [
     ("What is 12 + 30?", "12 + 30 = 42", "12 + 30 = 43"),
     ("What is 7 + 8?", "7 + 8 = 15", "The answer is 16, I think"),
@@ -27,8 +31,9 @@ PAIRS = [
 def pair_dataset(tokenizer, n: int = 8) -> Dataset:
     rows = []
     for q, c, r in (PAIRS * (n // len(PAIRS) + 1))[:n]:
-        prompt = tokenizer.apply_chat_template([{"role": "user", "content": q}], tokenize=False,
-                                               add_generation_prompt=True)
+        prompt = tokenizer.apply_chat_template(
+            [{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True
+        )
         rows.append({"prompt": prompt, "chosen": c, "rejected": r})
     return Dataset.from_list(rows)
 
@@ -84,10 +89,17 @@ def load_model(model_dir, lora: bool, seed: int = 0):
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
     if lora:
         torch.manual_seed(seed)
-        model = get_peft_model(model, LoraConfig(
-            r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
-            init_lora_weights=False, lora_dropout=0.0, task_type="CAUSAL_LM",
-        ))
+        model = get_peft_model(
+            model,
+            LoraConfig(
+                r=4,
+                lora_alpha=8,
+                target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+                init_lora_weights=False,
+                lora_dropout=0.0,
+                task_type="CAUSAL_LM",
+            ),
+        )
     return model
 
 

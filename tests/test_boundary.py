@@ -4,15 +4,16 @@ text, including text a BPE would merge across the boundary if it were tokenized 
 from __future__ import annotations
 
 import pytest
+import tiny
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import tiny
 from orpo_plugin.core.tokenize import encode_pairs
 
 SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 texts = st.text(st.characters(blacklist_categories=("Cs",)), min_size=1, max_size=30).filter(
-    lambda t: t.strip() and not any(s in t for s in SPECIALS))
+    lambda t: t.strip() and not any(s in t for s in SPECIALS)
+)
 
 
 @pytest.fixture(scope="module", params=["chatml", "with-bos"])
@@ -25,7 +26,9 @@ def tok(request):
 def test_chat_pairs_render_the_prompt_and_keep_each_answer_exact(tok, question, chosen, rejected):
     batch = {"prompt": [[{"role": "user", "content": question}]], "chosen": [chosen], "rejected": [rejected]}
     out = encode_pairs(batch, tok, max_length=None, template=tok.chat_template)
-    prompt_ids, chosen_ids, rejected_ids = (out[k][0] for k in ("prompt_input_ids", "chosen_input_ids", "rejected_input_ids"))
+    prompt_ids, chosen_ids, rejected_ids = (
+        out[k][0] for k in ("prompt_input_ids", "chosen_input_ids", "rejected_input_ids")
+    )
     rendered = tok.apply_chat_template(batch["prompt"][0], tokenize=False, add_generation_prompt=True)
     bos = [tok.bos_token_id] if tok.bos_token_id is not None else []
     assert prompt_ids == bos + tok(rendered, add_special_tokens=False)["input_ids"]
@@ -56,7 +59,8 @@ def test_a_merge_across_the_boundary_does_not_move_tokens(tok):
 
 def test_no_double_bos_when_the_template_already_writes_it():
     tok = tiny.build_tokenizer(None, bos_token="<|endoftext|>")
-    out = encode_pairs({"prompt": [tok.bos_token + "Hi", "Hi"], "chosen": ["a", "a"], "rejected": ["b", "b"]},
-                              tok, None)
+    out = encode_pairs(
+        {"prompt": [tok.bos_token + "Hi", "Hi"], "chosen": ["a", "a"], "rejected": ["b", "b"]}, tok, None
+    )
     assert out["prompt_input_ids"][0] == out["prompt_input_ids"][1]
     assert out["prompt_input_ids"][0].count(tok.bos_token_id) == 1

@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import pexpect
+import tiny
 from test_cli import BIN, _env
 
-import tiny
-from serve.convert import convert
+from serve.export.convert import convert
 
 
 def _spawn(model, *args):
-    child = pexpect.spawn(str(BIN / "orpo"), ["chat", str(model), "--n-threads", "2", *args], env=_env(),
-                          encoding="utf-8", timeout=120)
+    child = pexpect.spawn(
+        str(BIN / "orpo"), ["chat", str(model), "--n-threads", "2", *args], env=_env(), encoding="utf-8", timeout=120
+    )
     child.expect("chatting with")
     child.expect_exact(">>> ")
     return child
@@ -38,8 +39,15 @@ def test_chat_answers_with_the_trained_model_and_exits_cleanly(trained_tiny):
 def test_ctrl_c_stops_a_reply_and_keeps_the_session(tmp_path):
     """A random model answering greedily never emits EOS within 3000 tokens (about 9 s here):
     Ctrl-C is what ends the reply."""
-    tiny.build_model("llama", tmp_path / "m", tokenizer=tiny.build_tokenizer(None), hidden_size=256,
-                     intermediate_size=512, num_hidden_layers=4, num_attention_heads=4)
+    tiny.build_model(
+        "llama",
+        tmp_path / "m",
+        tokenizer=tiny.build_tokenizer(None),
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+    )
     model = convert(tmp_path / "m", tmp_path / "m.gguf", "f16")
     child = _spawn(model, "--temperature", "0", "--max-tokens", "3000")
     child.sendline("Tell me a long story.")

@@ -4,18 +4,25 @@ Axolotl ships: serving (a GGUF's template, without transformers) renders the pro
 from __future__ import annotations
 
 import pytest
+import tiny
 from jinja2 import TemplateError
 
-import tiny
 from orpo_plugin.core.chat_template import render
 
 CONVERSATIONS = [
     [{"role": "user", "content": "What is 2 + 3?"}],
-    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Q \"quoted\" ünïcödé"}],
-    [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"},
-     {"role": "user", "content": "And 4 * 5?\nTwo lines."}],
-    [{"role": "system", "content": "S"}, {"role": "user", "content": "Q1"}, {"role": "assistant", "content": "A1"},
-     {"role": "user", "content": "Q2"}],
+    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": 'Q "quoted" ünïcödé'}],
+    [
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello!"},
+        {"role": "user", "content": "And 4 * 5?\nTwo lines."},
+    ],
+    [
+        {"role": "system", "content": "S"},
+        {"role": "user", "content": "Q1"},
+        {"role": "assistant", "content": "A1"},
+        {"role": "user", "content": "Q2"},
+    ],
     [{"role": "assistant", "content": "out of order"}],
 ]
 
@@ -37,8 +44,9 @@ def test_renders_like_transformers(name, template, tokenizer):
     for messages in CONVERSATIONS:
         for generation in (True, False):
             try:
-                want = tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False,
-                                                     add_generation_prompt=generation)
+                want = tokenizer.apply_chat_template(
+                    messages, chat_template=template, tokenize=False, add_generation_prompt=generation
+                )
             except TemplateError:
                 with pytest.raises(TemplateError):
                     render(template, messages, generation, **tokenizer.special_tokens_map)

@@ -9,13 +9,11 @@ from pathlib import Path
 
 import pytest
 import yaml
+from helpers import METRICS
 
-import tiny
 from orpo_demo.env import BIN, offline_env
 
 ROOT = Path(__file__).resolve().parents[1]
-METRICS = ["loss", "nll_loss", "log_odds_ratio", "log_odds_chosen", "logps/chosen", "logps/rejected",
-           "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies"]
 
 
 def _env():
@@ -41,9 +39,20 @@ def _tiny_config(tmp_path: Path, tiny_dir: Path, **overrides) -> Path:
     return path
 
 
+def _axolotl(command: str, config: Path, *args: str, cwd: Path | None = None, timeout: int = 600):
+    """`axolotl COMMAND CONFIG ARGS...` in the offline environment, from cwd (default: the config's folder)."""
+    return subprocess.run(
+        [str(BIN / "axolotl"), command, str(config), *args],
+        cwd=cwd or config.parent,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
 def _train(config: Path, *launcher: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    proc = subprocess.run([str(BIN / "axolotl"), "train", str(config), *launcher], cwd=config.parent,
-                          env=_env(), capture_output=True, text=True, timeout=timeout)
+    proc = _axolotl("train", config, *launcher, timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return proc
 
@@ -55,8 +64,9 @@ def _log_history(out_dir: Path) -> list[dict]:
 
 
 def test_axolotl_train_example_config(tmp_path, tiny_default):
-    config = _tiny_config(tmp_path, tiny_default, max_steps=10, logging_steps=5, eval_steps=10,
-                          save_strategy="steps", save_steps=10)
+    config = _tiny_config(
+        tmp_path, tiny_default, max_steps=10, logging_steps=5, eval_steps=10, save_strategy="steps", save_steps=10
+    )
     _train(config)  # Axolotl's default launcher (accelerate)
     out = tmp_path / "out"
     assert (out / "adapter_model.safetensors").stat().st_size > 0
@@ -84,18 +94,27 @@ def test_preprocess_then_train_with_every_format(tmp_path, tiny_default):
     entries = []
     for n, (name, golden) in enumerate(ROWS_BY_FORMAT.items()):
         text = json.dumps(golden)
-        rows = [text.replace("2 + 3", f"{i} + 3").replace("= 6", f"= {200 + i}").replace("= 5", f"= {100 + i}")
-                for i in range(8)]
+        rows = [
+            text.replace("2 + 3", f"{i} + 3").replace("= 6", f"= {200 + i}").replace("= 5", f"= {100 + i}")
+            for i in range(8)
+        ]
         path = tmp_path / f"format{n}.jsonl"
         path.write_text("\n".join(rows) + "\n")
         entry = {"path": str(path), "ds_type": "json", "type": "orpo_plugin.preference"}
         if name == "mapped columns":
             entry.update({f"field_{k}": v for k, v in FIELD_MAP.items()})
         entries.append(entry)
-    config = _tiny_config(tmp_path, tiny_default, datasets=entries, test_datasets=None, eval_steps=None,
-                          val_set_size=0.0, max_steps=2, micro_batch_size=4)
-    pre = subprocess.run([str(BIN / "axolotl"), "preprocess", str(config)], cwd=tmp_path, env=_env(),
-                         capture_output=True, text=True, timeout=600)
+    config = _tiny_config(
+        tmp_path,
+        tiny_default,
+        datasets=entries,
+        test_datasets=None,
+        eval_steps=None,
+        val_set_size=0.0,
+        max_steps=2,
+        micro_batch_size=4,
+    )
+    pre = _axolotl("preprocess", config, cwd=tmp_path)
     assert pre.returncode == 0, pre.stdout[-3000:]
     expected = ["prompt", "prompt", "prompt", "conversation", "question", "prompt"]
     for n, fmt in enumerate(expected):
@@ -109,10 +128,14 @@ def test_preprocess_then_train_with_every_format(tmp_path, tiny_default):
 def test_bad_row_exits_nonzero_with_one_message_and_no_traceback(tmp_path, tiny_default):
     data = tmp_path / "bad.jsonl"
     data.write_text('{"prompt": "Q", "chosen": "A", "rejected": "B"}\n{"prompt": "Q", "chosen": "A"}\n')
-    config = _tiny_config(tmp_path, tiny_default, test_datasets=None, eval_steps=None,
-                          datasets=[{"path": str(data), "ds_type": "json", "type": "orpo_plugin.preference"}])
-    proc = subprocess.run([str(BIN / "axolotl"), "preprocess", str(config)], cwd=tmp_path, env=_env(),
-                          capture_output=True, text=True, timeout=600)
+    config = _tiny_config(
+        tmp_path,
+        tiny_default,
+        test_datasets=None,
+        eval_steps=None,
+        datasets=[{"path": str(data), "ds_type": "json", "type": "orpo_plugin.preference"}],
+    )
+    proc = _axolotl("preprocess", config, cwd=tmp_path)
     assert proc.returncode == 2
     out = proc.stdout + proc.stderr
     assert f"{data} row 1 (line 2): field 'rejected': missing field" in out

@@ -19,8 +19,8 @@ from transformers import AutoModelForCausalLM
 
 from orpo_plugin.core import registry
 from orpo_plugin.core.hookspecs import hookimpl
-from serve.architectures import Architecture
-from serve.convert import ConversionError, convert, pre_tokenizer_name
+from serve.export.architectures import Architecture
+from serve.export.convert import ConversionError, convert, pre_tokenizer_name
 
 CONVERSATION = [{"role": "user", "content": "What is 12 + 30?"}, {"role": "assistant", "content": "12 + 30 = 42"}]
 PLAIN = "Plain text, with punctuation!  Two spaces,\n digits 1234567 and ünïcödé — ok? 😀"
@@ -51,6 +51,18 @@ def spm_model(tmp_path_factory):
 
 def _llama(path):
     return llama_cpp.Llama(model_path=str(path), logits_all=True, n_ctx=256, n_threads=2, verbose=False)
+
+
+def _assert_same_tokens(path, tokenizer, texts) -> None:
+    """llama.cpp reading the GGUF tokenizes every text as the HF tokenizer does, with and without BOS."""
+    llm = _llama(path)
+    try:
+        for text in texts:
+            for bos in (False, True):
+                ours = llm.tokenize(text.encode(), add_bos=bos, special=True)
+                assert ours == tokenizer(text, add_special_tokens=bos)["input_ids"], (text, bos)
+    finally:
+        llm.close()
 
 
 def logit_error(model_dir, gguf_path) -> float:
@@ -113,16 +125,10 @@ def test_sentencepiece_tokens_equal_hf(spm_model, tmp_path):
     rng = random.Random(0)
     pieces = ["What", "is", "12", "+", "=", " ", "  ", "\n", "ünï", "—", "😀", "x", "[INST]", "</s>", "<s>", "▁"]
     texts = ["", " ", "\n\n", tokenizer.apply_chat_template(CONVERSATION, tokenize=False)]
-    texts += ["".join(rng.choice(pieces) + rng.choice(["", " "]) for _ in range(rng.randint(1, 12)))
-              for _ in range(200)]
-    llm = _llama(path)
-    try:
-        for text in texts:
-            for bos in (False, True):
-                assert llm.tokenize(text.encode(), add_bos=bos, special=True) == \
-                    tokenizer(text, add_special_tokens=bos)["input_ids"], (text, bos)
-    finally:
-        llm.close()
+    texts += [
+        "".join(rng.choice(pieces) + rng.choice(["", " "]) for _ in range(rng.randint(1, 12))) for _ in range(200)
+    ]
+    _assert_same_tokens(path, tokenizer, texts)
 
 
 def _text(reader, key):
@@ -165,11 +171,17 @@ def test_bad_inputs_and_no_half_written_file(sharp_models, tmp_path, monkeypatch
     assert list(tmp_path.iterdir()) == []  # neither y.gguf nor y.gguf.partial
 
 
-@pytest.mark.parametrize("change, message", [
-    (dict(query_pre_attn_scalar=64), r"query_pre_attn_scalar is 64, but llama.cpp scales .* 6-layer .* 1/sqrt\(32\)"),
-    (dict(layer_types=["sliding_attention", "full_attention"] * 3), "every sixth Gemma 3 layer"),
-    (dict(attn_logit_softcapping=50.0), "attn_logit_softcapping"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (
+            dict(query_pre_attn_scalar=64),
+            r"query_pre_attn_scalar is 64, but llama.cpp scales .* 6-layer .* 1/sqrt\(32\)",
+        ),
+        (dict(layer_types=["sliding_attention", "full_attention"] * 3), "every sixth Gemma 3 layer"),
+        (dict(attn_logit_softcapping=50.0), "attn_logit_softcapping"),
+    ],
+)
 def test_gemma3_settings_llama_cpp_would_run_differently_are_refused(sharp_models, tmp_path, change, message):
     model = tmp_path / "gemma3"
     shutil.copytree(sharp_models["gemma3"], model)
@@ -182,14 +194,19 @@ def test_gemma3_settings_llama_cpp_would_run_differently_are_refused(sharp_model
 
 def test_an_architecture_registered_through_the_hook_converts(sharp_models, tmp_path):
     renamed = with_architecture(sharp_models["llama"], tmp_path / "acme", "AcmeLlamaForCausalLM")
-    with pytest.raises(ConversionError, match="AcmeLlamaForCausalLM is not supported.*register_architectures"):
+    with pytest.raises(ConversionError, match=r"AcmeLlamaForCausalLM is not supported.*register_architectures"):
         convert(renamed, tmp_path / "x.gguf", "f32")
 
     def stamp(writer, config):
         writer.add_string("acme.source", config["architectures"][0])
 
-    plugin = types.SimpleNamespace(register_architectures=hookimpl(lambda register: register(
-        Architecture("AcmeLlamaForCausalLM", gguf.MODEL_ARCH.LLAMA, permute_qk=True, add_metadata=stamp))))
+    plugin = types.SimpleNamespace(
+        register_architectures=hookimpl(
+            lambda register: register(
+                Architecture("AcmeLlamaForCausalLM", gguf.MODEL_ARCH.LLAMA, permute_qk=True, add_metadata=stamp)
+            )
+        )
+    )
     registry.pm.register(plugin, name="test-acme")
     registry.refresh()
     try:
@@ -206,11 +223,15 @@ def test_an_architecture_registered_through_the_hook_converts(sharp_models, tmp_
 ROPE_CASES = {
     "default": {},
     "linear": dict(rope_parameters={"rope_type": "linear", "factor": 4.0, "rope_theta": 10000.0}),
-    "yarn": dict(rope_parameters={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 256,
-                                  "rope_theta": 10000.0}),
-    "llama3": dict(rope_parameters={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                                    "high_freq_factor": 4.0, "original_max_position_embeddings": 256,
-                                    "rope_theta": 500000.0}),
+    "yarn": dict(
+        rope_parameters={
+            "rope_type": "yarn",
+            "factor": 4.0,
+            "original_max_position_embeddings": 256,
+            "rope_theta": 10000.0,
+        }
+    ),
+    "llama3": dict(rope_parameters=tiny.LLAMA3_ROPE),
     "head_dim": dict(head_dim=32),  # hidden 64 / 4 heads would be 16 (Mistral-Nemo, Qwen3, Gemma do this)
 }
 
@@ -264,7 +285,7 @@ def test_a_tokenizer_without_bos_gets_the_models_bos_and_llama_cpp_adds_none(tmp
     """Qwen2.5: no BOS in the tokenizer, bos_token_id in config.json. llama.cpp must not fall back
     to token 11, and the scorer, like HF, protects no BOS."""
     from serve.llama import opened
-    from serve.scoring import GGUFTokenizer
+    from serve.tokenizer import GGUFTokenizer
 
     bos = tokenizer.convert_tokens_to_ids("<|endoftext|>")
     tiny.build_model("qwen2", tmp_path / "hf", tokenizer=tokenizer, bos_token_id=bos)
@@ -305,12 +326,5 @@ def test_tekken_tokenizes_like_hf_and_matches_its_logits(tekken_model, tmp_path)
     fields = gguf.GGUFReader(str(path)).fields
     assert bytes(fields["tokenizer.ggml.pre"].parts[-1]).decode() == "tekken"
     tokenizer = AutoTokenizer.from_pretrained(str(tekken_model))
-    llm = _llama(path)
-    try:
-        for text in CORPUS + [tokenizer.apply_chat_template(CONVERSATION, tokenize=False)]:
-            for bos in (False, True):
-                assert llm.tokenize(text.encode(), add_bos=bos, special=True) == \
-                    tokenizer(text, add_special_tokens=bos)["input_ids"], (text, bos)
-    finally:
-        llm.close()
+    _assert_same_tokens(path, tokenizer, [*CORPUS, tokenizer.apply_chat_template(CONVERSATION, tokenize=False)])
     assert logit_error(tekken_model, path) <= TOLERANCE["f32"]

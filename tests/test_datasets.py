@@ -17,29 +17,45 @@ SYSTEM, QUESTION, GOOD, BAD = "Be brief.", "What is 2 + 3?", "2 + 3 = 5", "2 + 3
 USER = {"role": "user", "content": QUESTION}
 ROWS_BY_FORMAT = {
     "prompt (strings)": {"system": SYSTEM, "prompt": QUESTION, "chosen": GOOD, "rejected": BAD},
-    "prompt (messages)": {"prompt": [{"role": "system", "content": SYSTEM}, USER],
-                          "chosen": {"role": "assistant", "content": GOOD} and [{"role": "assistant", "content": GOOD}],
-                          "rejected": BAD},
-    "ultrafeedback": {"system": SYSTEM, "prompt": QUESTION,
-                      "chosen": [USER, {"role": "assistant", "content": GOOD}],
-                      "rejected": [USER, {"role": "assistant", "content": BAD}]},
-    "conversation": {"chosen": [{"role": "system", "content": SYSTEM}, USER, {"role": "assistant", "content": GOOD}],
-                     "rejected": [{"role": "system", "content": SYSTEM}, USER, {"role": "assistant", "content": BAD}]},
+    "prompt (messages)": {
+        "prompt": [{"role": "system", "content": SYSTEM}, USER],
+        "chosen": {"role": "assistant", "content": GOOD} and [{"role": "assistant", "content": GOOD}],
+        "rejected": BAD,
+    },
+    "ultrafeedback": {
+        "system": SYSTEM,
+        "prompt": QUESTION,
+        "chosen": [USER, {"role": "assistant", "content": GOOD}],
+        "rejected": [USER, {"role": "assistant", "content": BAD}],
+    },
+    "conversation": {
+        "chosen": [{"role": "system", "content": SYSTEM}, USER, {"role": "assistant", "content": GOOD}],
+        "rejected": [{"role": "system", "content": SYSTEM}, USER, {"role": "assistant", "content": BAD}],
+    },
     "question": {"system": SYSTEM, "question": QUESTION, "chosen": GOOD, "rejected": BAD},
     "mapped columns": {"sys": SYSTEM, "instruction": QUESTION, "good": GOOD, "bad": BAD},
 }
 FIELD_MAP = {"system": "sys", "prompt": "instruction", "chosen": "good", "rejected": "bad"}
 # What every one of the rows above must become, written out: ChatML with the generation prompt.
-GOLDEN_PROMPT = (f"<|im_start|>system\n{SYSTEM}<|im_end|>\n<|im_start|>user\n{QUESTION}<|im_end|>\n"
-                 "<|im_start|>assistant\n")
+GOLDEN_PROMPT = (
+    f"<|im_start|>system\n{SYSTEM}<|im_end|>\n<|im_start|>user\n{QUESTION}<|im_end|>\n<|im_start|>assistant\n"
+)
 
 
 def _cfg(tmp_path, rows, on_bad_row="error", field_map=None, sequence_len=256, **entry):
     data = tmp_path / "prefs.jsonl"
     data.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
-    raw = {"datasets": [dict({"path": str(data), "ds_type": "json", "type": "orpo_plugin.preference"},
-                             **{f"field_{k}": v for k, v in (field_map or {}).items()}, **entry)],
-           "sequence_len": sequence_len, "orpo_on_bad_row": on_bad_row}
+    raw = {
+        "datasets": [
+            dict(
+                {"path": str(data), "ds_type": "json", "type": "orpo_plugin.preference"},
+                **{f"field_{k}": v for k, v in (field_map or {}).items()},
+                **entry,
+            )
+        ],
+        "sequence_len": sequence_len,
+        "orpo_on_bad_row": on_bad_row,
+    }
     split_field_maps(raw)  # what the plugin's register() does before validation
     return DictDefault(raw)
 
@@ -58,7 +74,9 @@ def test_golden_tokens_for_each_format(name, tmp_path, tokenizer):
     batch = PairCollator(tokenizer.pad_token_id)([row])
     n_prompt, kind = len(row["prompt_input_ids"]), batch["score_kind"]
     assert batch["score_target"][kind == CHOSEN].tolist() == row["chosen_input_ids"]
-    assert batch["score_pos"][kind == CHOSEN].tolist() == list(range(n_prompt - 1, n_prompt - 1 + len(row["chosen_input_ids"])))
+    assert batch["score_pos"][kind == CHOSEN].tolist() == list(
+        range(n_prompt - 1, n_prompt - 1 + len(row["chosen_input_ids"]))
+    )
     assert batch["score_target"][kind == REJECTED].tolist() == row["rejected_input_ids"]
 
 
@@ -67,7 +85,8 @@ def test_multi_turn_history_is_kept_in_the_prompt(tmp_path, tokenizer):
     cfg = _cfg(tmp_path, [{"prompt": history, "chosen": "10", "rejected": "7"}])
     row = prepare_split(cfg, tokenizer, "datasets")[0]
     assert tokenizer.decode(row["prompt_input_ids"]) == tokenizer.apply_chat_template(
-        history, tokenize=False, add_generation_prompt=True)
+        history, tokenize=False, add_generation_prompt=True
+    )
 
 
 def _conv(*turns):
@@ -114,7 +133,10 @@ def test_bad_row_is_skipped_and_counted(row, reason, field, tmp_path, tokenizer,
 
 
 def test_conversation_rows_that_disagree_on_the_prompt(tmp_path, tokenizer):
-    row = {"chosen": _conv(("user", "A?"), ("assistant", "yes")), "rejected": _conv(("user", "B?"), ("assistant", "no"))}
+    row = {
+        "chosen": _conv(("user", "A?"), ("assistant", "yes")),
+        "rejected": _conv(("user", "B?"), ("assistant", "no")),
+    }
     with pytest.raises(OrpoDataError, match=r"row 0 \(line 1\): field 'rejected': .*different prompts"):
         prepare_split(_cfg(tmp_path, [row]), tokenizer, "datasets")
     tail = {"chosen": _conv(("user", "A?"), ("assistant", "yes")), "rejected": _conv(("user", "A?"), ("user", "no"))}
@@ -131,13 +153,16 @@ def test_unknown_and_ambiguous_shapes_list_what_was_found_and_what_is_accepted(t
         assert f"- {name}:" in text
     assert "field_prompt" in text
     with pytest.raises(OrpoDataError, match="several formats"):
-        prepare_split(_cfg(tmp_path, [{"prompt": "p", "question": "q", "chosen": "a", "rejected": "b"}]),
-                      tokenizer, "datasets")
+        prepare_split(
+            _cfg(tmp_path, [{"prompt": "p", "question": "q", "chosen": "a", "rejected": "b"}]), tokenizer, "datasets"
+        )
 
 
-@pytest.mark.parametrize("first", [{"prompt": "Q", "chosen": "a"}, {"prompt": "p", "question": "q", "chosen": "a",
-                                                                   "rejected": "b"}, "{not json"],
-                         ids=["no-format", "two-formats", "invalid-json"])
+@pytest.mark.parametrize(
+    "first",
+    [{"prompt": "Q", "chosen": "a"}, {"prompt": "p", "question": "q", "chosen": "a", "rejected": "b"}, "{not json"],
+    ids=["no-format", "two-formats", "invalid-json"],
+)
 def test_a_bad_first_row_is_one_bad_row(first, tmp_path, tokenizer, caplog):
     """Format detection survives bad rows: a first row of no shape, of two shapes, or not JSON
     is skipped and counted under skip, and named by its row under error."""
@@ -151,9 +176,11 @@ def test_a_bad_first_row_is_one_bad_row(first, tmp_path, tokenizer, caplog):
 
 def test_truncation_keeps_the_prompt_end_and_counts_drops(tmp_path, tokenizer, caplog):
     long_prompt = " ".join(f"word{i}" for i in range(12))  # 35 tokens rendered: more than half of 48
-    rows = [{"prompt": long_prompt, "chosen": "one two three four five six seven eight", "rejected": "no"},
-            {"prompt": long_prompt * 4, "chosen": "a", "rejected": "b"},
-            VALID]
+    rows = [
+        {"prompt": long_prompt, "chosen": "one two three four five six seven eight", "rejected": "no"},
+        {"prompt": long_prompt * 4, "chosen": "a", "rejected": "b"},
+        VALID,
+    ]
     caplog.set_level("INFO")
     pairs = prepare_split(_cfg(tmp_path, rows, sequence_len=48), tokenizer, "datasets")
     assert len(pairs) == 2
@@ -172,8 +199,12 @@ def test_skip_mode_with_nothing_left_is_an_error(tmp_path, tokenizer):
 
 
 def test_field_keys_move_out_of_only_our_entries():
-    raw = {"datasets": [{"path": "a", "type": "orpo_plugin.preference", "field_prompt": "q", "field_chosen": "g"},
-                        {"path": "b", "type": "chat_template.argilla", "field_messages": "m"}]}
+    raw = {
+        "datasets": [
+            {"path": "a", "type": "orpo_plugin.preference", "field_prompt": "q", "field_chosen": "g"},
+            {"path": "b", "type": "chat_template.argilla", "field_messages": "m"},
+        ]
+    }
     split_field_maps(raw)
     assert raw["orpo_field_maps"]["datasets"] == [{"prompt": "q", "chosen": "g"}, {}]
     assert "field_prompt" not in raw["datasets"][0] and raw["datasets"][1]["field_messages"] == "m"
@@ -194,8 +225,12 @@ def test_strategy_resolves_under_axolotls_own_loader_for_rl_orpo(tmp_path, model
 
     data = tmp_path / "prefs.jsonl"
     data.write_text(json.dumps(ROWS_BY_FORMAT["conversation"]) + "\n" + json.dumps(ROWS_BY_FORMAT["question"]) + "\n")
-    cfg = make_cfg(model_dirs["llama"], tmp_path / "out", rl="orpo",
-                   datasets=[{"path": str(data), "ds_type": "json", "type": "orpo_plugin.preference"}])
+    cfg = make_cfg(
+        model_dirs["llama"],
+        tmp_path / "out",
+        rl="orpo",
+        datasets=[{"path": str(data), "ds_type": "json", "type": "orpo_plugin.preference"}],
+    )
     cfg.is_preprocess = True
     rows = _load_split(cfg, "train")
     assert sorted(rows.column_names) == ["chosen", "prompt", "rejected"]
@@ -214,5 +249,5 @@ def test_axolotls_chat_template_setting_overrides_the_tokenizers(tmp_path, token
     assert prompt.startswith("<|endoftext|><|start_header_id|>system<|end_header_id|>")
     assert row["prompt_input_ids"].count(bos_tokenizer.bos_token_id) == 1
     assert SYSTEM in prompt and prompt.endswith("<|start_header_id|>assistant<|end_header_id|>\n\n")
-    with pytest.raises(OrpoDataError, match="chat template cannot render.*bos_token"):
+    with pytest.raises(OrpoDataError, match=r"chat template cannot render.*bos_token"):
         prepare_split(cfg, tokenizer, "datasets")  # no BOS at all: a clear error, not a jinja trace

@@ -21,12 +21,12 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import tiny
 import torch
 from safetensors.torch import load_file
-
-import tiny
-from orpo_demo.env import BIN
 from test_cli import METRICS, _env, _log_history, _tiny_config
+
+from orpo_demo.env import BIN
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIM = Path(__file__).resolve().parent / "cpu_engines"
@@ -40,19 +40,38 @@ def _zero(stage: int) -> dict:
     accumulation steps; 1 step, or no evaluation, passed), with our loss and without a stack of ours."""
     zero = {"stage": stage, "overlap_comm": stage != 2, "contiguous_gradients": True, "reduce_bucket_size": "auto"}
     if stage == 3:
-        zero.update(sub_group_size=0, stage3_prefetch_bucket_size="auto", stage3_param_persistence_threshold="auto",
-                    stage3_max_live_parameters=0, stage3_max_reuse_distance=0,
-                    stage3_gather_16bit_weights_on_model_save=True)
-    return {"zero_optimization": zero, "bf16": {"enabled": "auto"}, "fp16": {"enabled": "auto"},
-            "gradient_accumulation_steps": "auto", "gradient_clipping": "auto", "train_batch_size": "auto",
-            "train_micro_batch_size_per_gpu": "auto", "wall_clock_breakdown": False}
+        zero.update(
+            sub_group_size=0,
+            stage3_prefetch_bucket_size="auto",
+            stage3_param_persistence_threshold="auto",
+            stage3_max_live_parameters=0,
+            stage3_max_reuse_distance=0,
+            stage3_gather_16bit_weights_on_model_save=True,
+        )
+    return {
+        "zero_optimization": zero,
+        "bf16": {"enabled": "auto"},
+        "fp16": {"enabled": "auto"},
+        "gradient_accumulation_steps": "auto",
+        "gradient_clipping": "auto",
+        "train_batch_size": "auto",
+        "train_micro_batch_size_per_gpu": "auto",
+        "wall_clock_breakdown": False,
+    }
 
 
 def _fsdp2(**config) -> dict:
     """Axolotl's FSDP2 keys, full shard of every decoder layer (the root holds embeddings and head)."""
-    return {"fsdp_version": 2, "fsdp_config": {
-        "state_dict_type": "FULL_STATE_DICT", "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
-        "transformer_layer_cls_to_wrap": "LlamaDecoderLayer", "reshard_after_forward": True, **config}}
+    return {
+        "fsdp_version": 2,
+        "fsdp_config": {
+            "state_dict_type": "FULL_STATE_DICT",
+            "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
+            "transformer_layer_cls_to_wrap": "LlamaDecoderLayer",
+            "reshard_after_forward": True,
+            **config,
+        },
+    }
 
 
 # name -> (engine keys, adapter?, plugin keys)
@@ -82,8 +101,17 @@ def start(tmp_path_factory, tiny_default):
     return {"root": root, "data": data, "adapter": root / "adapter", "tiny": tiny_default, "runs": {}}
 
 
-def _run(start, name: str, engine, adapter: bool, plugin: dict, micro: int, accumulation: int,
-         launcher: list[str], nodes: int = 1) -> tuple[dict, dict[str, torch.Tensor]]:
+def _run(
+    start,
+    name: str,
+    engine,
+    adapter: bool,
+    plugin: dict,
+    micro: int,
+    accumulation: int,
+    launcher: list[str],
+    nodes: int = 1,
+) -> tuple[dict, dict[str, torch.Tensor]]:
     """One `axolotl train`; with nodes > 1, one launcher per node (node ranks 0..nodes-1 on this
     machine), each as a user starts it on their node: the same config and paths."""
     run = start["root"] / name
@@ -96,24 +124,57 @@ def _run(start, name: str, engine, adapter: bool, plugin: dict, micro: int, accu
     elif engine:
         extra.update(engine)
     if adapter:
-        extra.update(adapter="lora", lora_model_dir=str(start["adapter"]), lora_r=16, lora_alpha=32,
-                     lora_dropout=0.0, lora_target_linear=True)
+        extra.update(
+            adapter="lora",
+            lora_model_dir=str(start["adapter"]),
+            lora_r=16,
+            lora_alpha=32,
+            lora_dropout=0.0,
+            lora_target_linear=True,
+        )
     else:
         extra["adapter"] = None
     data = {"path": str(start["data"]), "ds_type": "json", "type": "chat_template.argilla"}
-    config = _tiny_config(run, start["tiny"], micro_batch_size=micro, gradient_accumulation_steps=accumulation,
-                          max_steps=2, logging_steps=1, save_strategy="steps", save_steps=2, eval_steps=1,
-                          test_datasets=[{**data, "split": "train"}], optimizer="sgd", learning_rate=0.5,
-                          warmup_steps=0, lr_scheduler="constant", val_set_size=0.0, datasets=[data], **extra)
+    config = _tiny_config(
+        run,
+        start["tiny"],
+        micro_batch_size=micro,
+        gradient_accumulation_steps=accumulation,
+        max_steps=2,
+        logging_steps=1,
+        save_strategy="steps",
+        save_steps=2,
+        eval_steps=1,
+        test_datasets=[{**data, "split": "train"}],
+        optimizer="sgd",
+        learning_rate=0.5,
+        warmup_steps=0,
+        lr_scheduler="constant",
+        val_set_size=0.0,
+        datasets=[data],
+        **extra,
+    )
     env = dict(_env(), PYTHONPATH=os.pathsep.join([str(SHIM), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep))
     logs = [run / f"node{node}.log" for node in range(nodes)]  # files: a full pipe would stall a node
     procs = []
     for node, log in enumerate(logs):
         with log.open("w") as out:  # the child keeps its own copy of the descriptor
-            procs.append(subprocess.Popen([str(BIN / "axolotl"), "train", str(config), *launcher,
-                                           *([f"--node_rank={node}"] if nodes > 1 else [])],
-                                          cwd=run, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                          start_new_session=True))
+            procs.append(
+                subprocess.Popen(
+                    [
+                        str(BIN / "axolotl"),
+                        "train",
+                        str(config),
+                        *launcher,
+                        *([f"--node_rank={node}"] if nodes > 1 else []),
+                    ],
+                    cwd=run,
+                    env=env,
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
+            )
     try:
         for proc, log in zip(procs, logs):
             proc.wait(timeout=600)
@@ -137,8 +198,9 @@ def _reference(start, adapter: bool, plugin: dict):
     key = json.dumps([adapter, plugin], sort_keys=True)
     if key not in start["runs"]:
         name = f"one-{len(start['runs'])}"
-        start["runs"][key] = _run(start, name, None, adapter, plugin, micro=4, accumulation=1,
-                                  launcher=["--launcher", "python"])
+        start["runs"][key] = _run(
+            start, name, None, adapter, plugin, micro=4, accumulation=1, launcher=["--launcher", "python"]
+        )
     return start["runs"][key]
 
 
@@ -160,8 +222,11 @@ def test_engine_equals_one_process(start, case):
     two, two_weights = _run(start, case, engine, adapter, plugin, micro=1, accumulation=2, launcher=TWO_RANKS)
     _same_logs(one, two)
     assert one_weights.keys() == two_weights.keys()
-    start_weights = load_file(str(start["adapter"] / "adapter_model.safetensors")) if adapter else \
-        load_file(str(start["tiny"] / "model" / "model.safetensors"))
+    start_weights = (
+        load_file(str(start["adapter"] / "adapter_model.safetensors"))
+        if adapter
+        else load_file(str(start["tiny"] / "model" / "model.safetensors"))
+    )
     if adapter:  # PEFT saves without the adapter name
         start_weights = {k.replace(".default", ""): v for k, v in start_weights.items()}
     assert start_weights.keys() == one_weights.keys()
@@ -181,8 +246,15 @@ def test_two_nodes_zero3_equal_one_process(start):
     from orpo_demo.serving import free_port
 
     one, one_weights = _reference(start, False, {})
-    launcher = ["--launcher", "torchrun", "--", "--nnodes=2", "--nproc_per_node=1",
-                "--master_addr=127.0.0.1", f"--master_port={free_port()}"]
+    launcher = [
+        "--launcher",
+        "torchrun",
+        "--",
+        "--nnodes=2",
+        "--nproc_per_node=1",
+        "--master_addr=127.0.0.1",
+        f"--master_port={free_port()}",
+    ]
     two, two_weights = _run(start, "two-nodes", "zero3", False, {}, micro=1, accumulation=2, launcher=launcher, nodes=2)
     _same_logs(one, two)
     for name, tensor in one_weights.items():
@@ -221,4 +293,3 @@ def test_run_as_forward_runs_inside_the_hooks_and_restores_forward():
     plain = nn.Linear(3, 2)
     run_as_forward(plain, lambda forward, hooked: forward(hooked), x)
     assert "forward" not in plain.__dict__  # the class's forward again
-

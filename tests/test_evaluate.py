@@ -9,15 +9,26 @@ from test_cli import BIN, _env
 
 
 def _score(*args, cwd=None):
-    return subprocess.run([str(BIN / "orpo"), "score", *map(str, args)], env=_env(), capture_output=True, text=True,
-                          timeout=900, cwd=cwd)
+    return subprocess.run(
+        [str(BIN / "orpo"), "score", *map(str, args)], env=_env(), capture_output=True, text=True, timeout=900, cwd=cwd
+    )
 
 
 def test_training_raises_preference_accuracy_on_held_out_pairs(trained_tiny, tmp_path):
     gguf = trained_tiny["gguf"]
     report_path = tmp_path / "report.json"
-    proc = _score(trained_tiny["base"], trained_tiny["adapter"], gguf / "model-q8_0.gguf", "--pairs",
-                  trained_tiny["eval"], "--limit", "100", "--report", report_path, cwd=trained_tiny["adapter"].parent)
+    proc = _score(
+        trained_tiny["base"],
+        trained_tiny["adapter"],
+        gguf / "model-q8_0.gguf",
+        "--pairs",
+        trained_tiny["eval"],
+        "--limit",
+        "100",
+        "--report",
+        report_path,
+        cwd=trained_tiny["adapter"].parent,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(report_path.read_text())
     base, adapter, q8 = report["models"]
@@ -39,8 +50,10 @@ def test_bad_pairs_file_and_bad_model_are_one_line_errors(trained_tiny, tmp_path
     bad.write_text('{"prompt": "q", "chosen": "a", "rejected": "b"}\n{"prompt": "q", "chosen": 5, "rejected": "b"}\n')
     proc = _score(trained_tiny["base"], "--pairs", bad)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
-    assert f"{bad} row 1 (line 2): field 'chosen': expected a string, got int. Fix the row, or pass " \
-           f"--on-bad-row skip" in proc.stderr
+    assert (
+        f"{bad} row 1 (line 2): field 'chosen': expected a string, got int. Fix the row, or pass "
+        f"--on-bad-row skip" in proc.stderr
+    )
     proc = _score(tmp_path, "--pairs", trained_tiny["eval"])
     assert proc.returncode == 1 and "not a GGUF file, an adapter directory" in proc.stderr
 
@@ -55,8 +68,9 @@ def test_parquet_pairs_score_like_the_same_jsonl(trained_tiny, tmp_path):
     for name in ("pairs.parquet", "pairs.jsonl"):
         if name.endswith(".jsonl"):
             (tmp_path / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
-        proc = _score(trained_tiny["gguf"] / "model-q8_0.gguf", "--pairs", tmp_path / name, "--report",
-                      tmp_path / f"{name}.json")
+        proc = _score(
+            trained_tiny["gguf"] / "model-q8_0.gguf", "--pairs", tmp_path / name, "--report", tmp_path / f"{name}.json"
+        )
         assert proc.returncode == 0, proc.stderr[-3000:]
         reports[name] = json.loads((tmp_path / f"{name}.json").read_text())["models"][0]["results"]
     assert reports["pairs.parquet"] == reports["pairs.jsonl"] and len(reports["pairs.jsonl"]) == 5

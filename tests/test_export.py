@@ -10,23 +10,25 @@ import time
 import gguf
 import llama_cpp
 import pytest
-from helpers import with_architecture
-from test_cli import BIN, _env, _train, _tiny_config
-from test_merge_quantize import _random_adapter
-
 import tiny
+from helpers import with_architecture
+from test_cli import BIN, _axolotl, _env, _tiny_config, _train
+from test_merge_quantize import _random_adapter
 
 
 def _orpo(*args, timeout=600):
-    return subprocess.run([str(BIN / "orpo"), *map(str, args)], env=_env(), capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(
+        [str(BIN / "orpo"), *map(str, args)], env=_env(), capture_output=True, text=True, timeout=timeout
+    )
 
 
 def test_axolotl_merge_and_quantize_after_training_gives_a_gguf_that_chats(tmp_path, tiny_default):
     config = _tiny_config(tmp_path, tiny_default, max_steps=4, test_datasets=None, eval_steps=None)
     _train(config, "--launcher", "python")
-    axolotl = lambda: subprocess.run([str(BIN / "axolotl"), "merge-and-quantize", str(config)], cwd=tmp_path,  # noqa: E731
-                                     env=_env(), capture_output=True, text=True, timeout=600)
+
+    def axolotl():
+        return _axolotl("merge-and-quantize", config, cwd=tmp_path)
+
     # The types come from the config's `export:` block, the one Axolotl 0.21's `axolotl export` reads.
     trained = config.read_text()
     config.write_text(trained + "export:\n  quantize: [Q8_0, Q9_K]\n")
@@ -69,8 +71,10 @@ def test_orpo_merge_and_quantize_and_its_refusals(model_dirs, adapter, tmp_path)
 
     again = _orpo(*args, "--quant", "q8_0")
     assert again.returncode == 1 and "Traceback" not in again.stderr
-    assert f"{out} already has model-q8_0.gguf, Modelfile, export_report.json from an earlier export; pass --force " \
+    assert (
+        f"{out} already has model-q8_0.gguf, Modelfile, export_report.json from an earlier export; pass --force "
         f"to replace them (nothing else in {out} is touched)" in again.stderr
+    )
     assert _orpo(*args, "--quant", "f16", "--force").returncode == 0
     assert (out / "model-f16.gguf").exists() and (out / "model-q8_0.gguf").exists()  # not asked for: kept
 
@@ -78,8 +82,15 @@ def test_orpo_merge_and_quantize_and_its_refusals(model_dirs, adapter, tmp_path)
         bad = _orpo(*args, *extra, "--force")
         assert bad.returncode == 1 and message in bad.stderr and "Traceback" not in bad.stderr
     (tmp_path / "no-adapter").mkdir()
-    missing = _orpo("merge-and-quantize", "--base", model_dirs["qwen2"], "--adapter", tmp_path / "no-adapter",
-                    "--out", tmp_path / "x")
+    missing = _orpo(
+        "merge-and-quantize",
+        "--base",
+        model_dirs["qwen2"],
+        "--adapter",
+        tmp_path / "no-adapter",
+        "--out",
+        tmp_path / "x",
+    )
     assert missing.returncode == 1 and "no adapter_config.json" in missing.stderr
 
 
@@ -92,12 +103,15 @@ def test_force_never_touches_what_the_export_did_not_write(model_dirs, adapter, 
     with other files replaces the export's own files only."""
     before = _tree(adapter), _tree(model_dirs["qwen2"])
     for out in (adapter, model_dirs["qwen2"]):
+        # fmt: off
         proc = _orpo("merge-and-quantize", "--base", model_dirs["qwen2"], "--adapter", adapter, "--out", out,
                      "--quant", "f16", "--force")
+        # fmt: on
         what = "adapter" if out == adapter else "base model"
         assert proc.returncode == 1 and "Traceback" not in proc.stderr
-        assert f"--out {out} is the {what} directory; write the export beside it, e.g. --out {out / 'gguf'}" \
-            in proc.stderr
+        assert (
+            f"--out {out} is the {what} directory; write the export beside it, e.g. --out {out / 'gguf'}" in proc.stderr
+        )
     assert (_tree(adapter), _tree(model_dirs["qwen2"])) == before
 
     shared = tmp_path / "shared"
@@ -105,7 +119,10 @@ def test_force_never_touches_what_the_export_did_not_write(model_dirs, adapter, 
     (shared / "notes" / "run.md").write_text("mine")
     (shared / "model-f16.gguf").write_text("an older export")
     (shared / "model-q6_k.gguf").write_text("another export, not asked for this time")
-    args = ["merge-and-quantize", "--base", model_dirs["qwen2"], "--adapter", adapter, "--out", shared, "--quant", "f16"]
+    # fmt: off
+    args = ["merge-and-quantize", "--base", model_dirs["qwen2"], "--adapter", adapter, "--out", shared,
+            "--quant", "f16"]
+    # fmt: on
     assert "already has model-f16.gguf" in _orpo(*args).stderr
     assert (shared / "model-f16.gguf").read_text() == "an older export"
     done = _orpo(*args, "--force")
@@ -113,8 +130,13 @@ def test_force_never_touches_what_the_export_did_not_write(model_dirs, adapter, 
     assert (shared / "notes" / "run.md").read_text() == "mine"
     assert (shared / "model-q6_k.gguf").read_text() == "another export, not asked for this time"
     gguf.GGUFReader(str(shared / "model-f16.gguf"))
-    assert sorted(p.name for p in shared.iterdir()) == ["Modelfile", "export_report.json", "model-f16.gguf",
-                                                         "model-q6_k.gguf", "notes"]
+    assert sorted(p.name for p in shared.iterdir()) == [
+        "Modelfile",
+        "export_report.json",
+        "model-f16.gguf",
+        "model-q6_k.gguf",
+        "notes",
+    ]
 
 
 def test_a_hub_id_comes_from_the_local_cache_and_a_quantized_base_is_refused(model_dirs, tmp_path):
@@ -126,8 +148,16 @@ def test_a_hub_id_comes_from_the_local_cache_and_a_quantized_base_is_refused(mod
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text("0123abcd")
     env = dict(_env(), HF_HUB_CACHE=str(tmp_path / "hub"))  # offline, as every test runs
-    run = lambda base, out: subprocess.run([str(BIN / "orpo"), "merge-and-quantize", "--base", base, "--out", str(out),
-                                            "--quant", "f16"], env=env, capture_output=True, text=True, timeout=600)
+
+    def run(base, out):
+        return subprocess.run(
+            [str(BIN / "orpo"), "merge-and-quantize", "--base", base, "--out", str(out), "--quant", "f16"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+
     done = run("acme/tiny-llama", tmp_path / "out")
     assert done.returncode == 0, done.stderr[-2000:]
     assert json.loads((tmp_path / "out" / "export_report.json").read_text())["failed_checks"] == []
@@ -138,24 +168,33 @@ def test_a_hub_id_comes_from_the_local_cache_and_a_quantized_base_is_refused(mod
     quantized = tmp_path / "bnb"
     shutil.copytree(model_dirs["llama"], quantized)
     config = json.loads((quantized / "config.json").read_text())
-    (quantized / "config.json").write_text(json.dumps(dict(config, quantization_config={"quant_method": "bitsandbytes",
-                                                                                        "load_in_4bit": True})))
+    (quantized / "config.json").write_text(
+        json.dumps(dict(config, quantization_config={"quant_method": "bitsandbytes", "load_in_4bit": True}))
+    )
     refused = run(str(quantized), tmp_path / "y")
-    assert refused.returncode == 1 and f"{quantized} is a bitsandbytes-quantized checkpoint; export from the " \
-        f"full-precision model it was made from" in refused.stderr
+    assert (
+        refused.returncode == 1
+        and f"{quantized} is a bitsandbytes-quantized checkpoint; export from the full-precision model it was made from"
+        in refused.stderr
+    )
     assert not (tmp_path / "y").exists()
 
 
 def test_not_enough_disk_is_one_line_before_anything_is_written(model_dirs, tmp_path, monkeypatch):
     import shutil
 
-    from serve import export as exporting
+    from serve.export import pipeline as exporting
 
-    monkeypatch.setattr(exporting.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10 << 30, 10 << 30, 1 << 20))
-    with pytest.raises(exporting.ExportError, match=r"not enough disk space in .*out: the export needs about 0.0 GiB "
-                                                    r"\(model-q8_0.gguf 0.0 GiB, model-q4_k_m.gguf 0.0 GiB, temporary f16 "
-                                                    r"GGUF 0.0 GiB\) and 0.0 GiB is free; free some space or pick "
-                                                    r"another --out"):
+    monkeypatch.setattr(
+        exporting.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10 << 30, 10 << 30, 1 << 20)
+    )
+    with pytest.raises(
+        exporting.ExportError,
+        match=r"not enough disk space in .*out: the export needs about 0.0 GiB "
+        r"\(model-q8_0.gguf 0.0 GiB, model-q4_k_m.gguf 0.0 GiB, temporary f16 "
+        r"GGUF 0.0 GiB\) and 0.0 GiB is free; free some space or pick "
+        r"another --out",
+    ):
         exporting.export(model_dirs["llama"], None, tmp_path / "out", ["q8_0", "q4_k_m"], progress=lambda m: None)
     assert list((tmp_path / "out").iterdir()) == []
 
@@ -163,40 +202,55 @@ def test_not_enough_disk_is_one_line_before_anything_is_written(model_dirs, tmp_
 def test_k_quants_come_from_an_f16_file_and_every_tensor_is_checked(model_dirs, adapter, tmp_path):
     """Without f16 asked for, a temporary f16 GGUF feeds llama.cpp and is removed; every tensor of every
     file is compared (the K-quants against that f16 file)."""
-    from serve.export import export
+    from serve.export.pipeline import export
 
     tiny.build_model("llama", tmp_path / "m", hidden_size=256, intermediate_size=512, num_attention_heads=4)
     report = export(tmp_path / "m", None, tmp_path / "out", ["q8_0", "q4_k_m"], progress=lambda m: None)
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["Modelfile", "export_report.json",
-                                                                    "model-q4_k_m.gguf", "model-q8_0.gguf"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "Modelfile",
+        "export_report.json",
+        "model-q4_k_m.gguf",
+        "model-q8_0.gguf",
+    ]
     n = len(gguf.GGUFReader(str(tmp_path / "out" / "model-q8_0.gguf")).tensors)
     tensors = report["tensors"]
     assert tensors["q8_0"]["checked"] == tensors["q4_k_m"]["checked"] == tensors["f16 (temporary)"]["checked"] == n
-    assert tensors["q8_0"]["reference"] == "merged weights" and tensors["q4_k_m"]["reference"] == "f16 GGUF, 1 in 4 row slices"
+    assert (
+        tensors["q8_0"]["reference"] == "merged weights"
+        and tensors["q4_k_m"]["reference"] == "f16 GGUF, 1 in 4 row slices"
+    )
     assert tensors["f16 (temporary)"]["worst_rel_rms"] < 1e-3 < tensors["q8_0"]["worst_rel_rms"] < 2e-2
     assert 2e-2 < tensors["q4_k_m"]["worst_rel_rms"] < 0.2 and tensors["q4_k_m"]["bound"] is None
     assert [s["stage"] for s in report["stages"]] == [
-        "write model-q8_0.gguf", "write a temporary f16 GGUF for llama.cpp's quantizer",
-        "quantize model-q4_k_m.gguf (from f16)", "check K-quant tensors against the f16 file",
-        "check tokens and logits against the merged model"]
+        "write model-q8_0.gguf",
+        "write a temporary f16 GGUF for llama.cpp's quantizer",
+        "quantize model-q4_k_m.gguf (from f16)",
+        "check K-quant tensors against the f16 file",
+        "check tokens and logits against the merged model",
+    ]
     assert all(s["peak_rss_mib"] > 0 for s in report["stages"]) and report["failed_checks"] == []
 
 
 def test_a_damaged_tensor_fails_the_check(model_dirs, tmp_path, monkeypatch):
-    from serve import convert as converting
-    from serve.export import export
+    from serve.export import convert as converting
+    from serve.export.pipeline import export
 
     encode = converting._encode
-    monkeypatch.setattr(converting, "_encode", lambda data, kind, name: encode(
-        data * 1.05 if name == "blk.1.ffn_down.weight" else data, kind, name))
+    monkeypatch.setattr(
+        converting,
+        "_encode",
+        lambda data, kind, name: encode(data * 1.05 if name == "blk.1.ffn_down.weight" else data, kind, name),
+    )
     report = export(model_dirs["llama"], None, tmp_path / "out", ["f16"], progress=lambda m: None)
-    assert report["failed_checks"][0].startswith("model-f16.gguf: tensor blk.1.ffn_down.weight differs from the "
-                                                 "merged weights by 5.00e-02 (relative RMS), above 1e-03 for f16")
+    assert report["failed_checks"][0].startswith(
+        "model-f16.gguf: tensor blk.1.ffn_down.weight differs from the "
+        "merged weights by 5.00e-02 (relative RMS), above 1e-03 for f16"
+    )
 
 
 @pytest.mark.parametrize("arch", ["llama", "llama-tied", "mistral", "qwen2", "qwen3", "gemma3"])
 def test_a_random_lora_on_each_fixture_is_merged_and_exported_faithfully(arch, model_dirs, tmp_path):
-    from serve.export import export
+    from serve.export.pipeline import export
 
     adapter = _random_adapter(model_dirs[arch], tmp_path / "adapter")
     report = export(model_dirs[arch], adapter, tmp_path / "out", ["f32", "q8_0"], progress=lambda msg: None)
@@ -214,9 +268,12 @@ def test_unsupported_architecture_names_the_supported_ones(model_dirs, tmp_path)
     odd = with_architecture(model_dirs["llama"], tmp_path / "odd", "GPTNeoXForCausalLM")
     proc = _orpo("merge-and-quantize", "--base", odd, "--out", tmp_path / "x", "--quant", "f16")
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
-    assert "GPTNeoXForCausalLM is not supported; supported: LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, " \
-        "Qwen3ForCausalLM, Gemma3ForCausalLM" \
-        in proc.stderr and "register_architectures hook" in proc.stderr
+    assert (
+        "GPTNeoXForCausalLM is not supported; supported: LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, "
+        "Qwen3ForCausalLM, Gemma3ForCausalLM"
+        in proc.stderr
+        and "register_architectures hook" in proc.stderr
+    )
 
 
 def test_a_disk_write_failure_is_one_clear_error(model_dirs, tmp_path):
@@ -227,22 +284,53 @@ def test_a_disk_write_failure_is_one_clear_error(model_dirs, tmp_path):
         resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, 64 * 1024))
 
     out = tmp_path / "export"
-    proc = subprocess.run([str(BIN / "orpo"), "merge-and-quantize", "--base", str(model_dirs["llama"]), "--out",
-                           str(out), "--quant", "f32"], env=_env(), capture_output=True, text=True, timeout=600,
-                          preexec_fn=small_files)
+    proc = subprocess.run(
+        [
+            str(BIN / "orpo"),
+            "merge-and-quantize",
+            "--base",
+            str(model_dirs["llama"]),
+            "--out",
+            str(out),
+            "--quant",
+            "f32",
+        ],
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+        preexec_fn=small_files,
+    )
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert f"Error: could not write {out}" in proc.stderr and "rerun with --force" in proc.stderr
     assert not list(out.glob("*.gguf")) and not list(out.glob("*.partial"))
 
 
 def test_a_killed_export_leaves_no_truncated_file_and_a_rerun_completes(tmp_path):
-    tiny.build_model("llama", tmp_path / "m", hidden_size=512, intermediate_size=1536, num_hidden_layers=6,
-                     num_attention_heads=8)
+    tiny.build_model(
+        "llama", tmp_path / "m", hidden_size=512, intermediate_size=1536, num_hidden_layers=6, num_attention_heads=8
+    )
     out = tmp_path / "export"
-    args = ["merge-and-quantize", "--base", tmp_path / "m", "--out", out, "--quant", "f32", "--quant", "f16",
-            "--quant", "q8_0", "--quant", "q4_k_m", "--quant", "q6_k"]
-    proc = subprocess.Popen([str(BIN / "orpo"), *map(str, args)], env=_env(), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    args = [
+        "merge-and-quantize",
+        "--base",
+        tmp_path / "m",
+        "--out",
+        out,
+        "--quant",
+        "f32",
+        "--quant",
+        "f16",
+        "--quant",
+        "q8_0",
+        "--quant",
+        "q4_k_m",
+        "--quant",
+        "q6_k",
+    ]
+    proc = subprocess.Popen(
+        [str(BIN / "orpo"), *map(str, args)], env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     deadline = time.time() + 60
     while time.time() < deadline and not any(out.glob("*.partial")) and not any(out.glob("model-f32.gguf")):
         time.sleep(0.05)
@@ -265,13 +353,29 @@ def test_a_killed_export_leaves_no_truncated_file_and_a_rerun_completes(tmp_path
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_an_interrupted_export_removes_its_temporary_files(sig, tmp_path):
     """SIGTERM (a scheduler's stop) and Ctrl-C, also while llama.cpp quantizes: exit 130, nothing left."""
-    tiny.build_model("llama", tmp_path / "m", hidden_size=512, intermediate_size=1536, num_hidden_layers=6,
-                     num_attention_heads=8)
+    tiny.build_model(
+        "llama", tmp_path / "m", hidden_size=512, intermediate_size=1536, num_hidden_layers=6, num_attention_heads=8
+    )
     out = tmp_path / "export"
     (out / "keep").mkdir(parents=True)
-    proc = subprocess.Popen([str(BIN / "orpo"), "merge-and-quantize", "--base", str(tmp_path / "m"), "--out", str(out),
-                             "--quant", "q4_k_m", "--quant", "q6_k"], env=_env(), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [
+            str(BIN / "orpo"),
+            "merge-and-quantize",
+            "--base",
+            str(tmp_path / "m"),
+            "--out",
+            str(out),
+            "--quant",
+            "q4_k_m",
+            "--quant",
+            "q6_k",
+        ],
+        env=_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.time() + 120
     while time.time() < deadline and not any(out.glob("model-q4_k_m.gguf.*.partial")):
         time.sleep(0.01)
@@ -284,12 +388,16 @@ def test_an_interrupted_export_removes_its_temporary_files(sig, tmp_path):
 
 def test_the_report_catches_a_rope_the_gguf_does_not_reproduce(tmp_path, tokenizer, monkeypatch):
     """The long sequence catches a RoPE scaling the GGUF lacks, and says where it is worst."""
-    from serve import rope
-    from serve.export import export
+    from serve.export import rope
+    from serve.export.pipeline import export
 
-    tiny.build_model("llama", tmp_path / "hf", tokenizer=tokenizer, initializer_range=0.1, rope_parameters={
-        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-        "original_max_position_embeddings": 256, "rope_theta": 500000.0})
+    tiny.build_model(
+        "llama",
+        tmp_path / "hf",
+        tokenizer=tokenizer,
+        initializer_range=0.1,
+        rope_parameters=tiny.LLAMA3_ROPE,
+    )
     good = export(tmp_path / "hf", None, tmp_path / "good", ["f32"], progress=lambda msg: None)
     assert good["models"]["f32"]["ok"] and good["failed_checks"] == []
     monkeypatch.setitem(rope.SCALINGS, "llama3", lambda writer, params, head_dim: None)  # the old converter
@@ -297,22 +405,28 @@ def test_the_report_catches_a_rope_the_gguf_does_not_reproduce(tmp_path, tokeniz
     long = bad["models"]["f32"]["long"]
     assert not long["ok"] and long["mean_kl"] > 100 * good["models"]["f32"]["long"]["mean_kl"]
     assert long["worst_window"][0] >= 256 and long["worst_window_kl"] > long["first_window_kl"]
-    assert len(bad["failed_checks"]) == 1 and "model-f32.gguf: mean next-token KL" in bad["failed_checks"][0] \
+    assert (
+        len(bad["failed_checks"]) == 1
+        and "model-f32.gguf: mean next-token KL" in bad["failed_checks"][0]
         and "over a 1536-token sequence, above 1e-04 for f32" in bad["failed_checks"][0]
+    )
     assert json.loads((tmp_path / "bad" / "export_report.json").read_text())["failed_checks"] == bad["failed_checks"]
     from click.testing import CliRunner
 
     from serve.cli import main
 
-    console = CliRunner().invoke(main, ["merge-and-quantize", "--base", str(tmp_path / "hf"), "--out",
-                                        str(tmp_path / "cli"), "--quant", "f32"])
+    console = CliRunner().invoke(
+        main, ["merge-and-quantize", "--base", str(tmp_path / "hf"), "--out", str(tmp_path / "cli"), "--quant", "f32"]
+    )
     assert console.exit_code == 0 and f"orpo: CHECK FAILED: {bad['failed_checks'][0]}" in console.output
 
 
-REFUSES_SYSTEM = ("{{ bos_token }}{% for message in messages %}{% if message['role'] == 'system' %}"
-                  "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}"
-                  "{% elif message['role'] == 'user' %}{{ ' [INST] ' + message['content'] + ' [/INST]' }}"
-                  "{% else %}{{ ' ' + message['content'] + eos_token }}{% endif %}{% endfor %}")
+REFUSES_SYSTEM = (
+    "{{ bos_token }}{% for message in messages %}{% if message['role'] == 'system' %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}"
+    "{% elif message['role'] == 'user' %}{{ ' [INST] ' + message['content'] + ' [/INST]' }}"
+    "{% else %}{{ ' ' + message['content'] + eos_token }}{% endif %}{% endfor %}"
+)
 
 
 def test_a_chat_template_that_refuses_system_turns_exports_completely(model_dirs, tmp_path):

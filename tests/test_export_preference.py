@@ -8,21 +8,20 @@ import random
 import subprocess
 
 import pytest
+import tiny
 import torch
 from test_cli import BIN, _env
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-import tiny
-from serve.evaluate import load_pairs, open_model, score_all
-from serve.scoring import HFScorer
+from orpo_plugin.core.rows import load_pairs
+from serve.scoring import HFScorer, open_model, score_pairs
 
 QUANTS = ("f16", "q8_0", "q4_k_m")
 WORDS = "the of to and in is it you that was for on are with as his they at one have this".split()
 
 
 def _orpo(*args):
-    return subprocess.run([str(BIN / "orpo"), *map(str, args)], env=_env(), capture_output=True, text=True,
-                          timeout=900)
+    return subprocess.run([str(BIN / "orpo"), *map(str, args)], env=_env(), capture_output=True, text=True, timeout=900)
 
 
 def _preferred(results) -> list[str]:
@@ -37,37 +36,56 @@ def case(tmp_path_factory):
     root = tmp_path_factory.mktemp("preference")
     tiny.build_model("llama", root / "hf", hidden_size=256, intermediate_size=512, num_attention_heads=4)
     first = root / "first"
-    proc = _orpo("merge-and-quantize", "--base", root / "hf", "--out", first, *[a for q in QUANTS for a in ("--quant", q)])
+    proc = _orpo(
+        "merge-and-quantize", "--base", root / "hf", "--out", first, *[a for q in QUANTS for a in ("--quant", q)]
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
 
     rng = random.Random(0)
-    rows = [{"prompt": " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 12))),
-             "chosen": rng.choice(WORDS), "rejected": rng.choice(WORDS)} for _ in range(400)]
+    rows = [
+        {
+            "prompt": " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 12))),
+            "chosen": rng.choice(WORDS),
+            "rejected": rng.choice(WORDS),
+        }
+        for _ in range(400)
+    ]
     rows = [r for r in rows if r["chosen"] != r["rejected"]]
     (root / "candidates.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     pairs = load_pairs(root / "candidates.jsonl")
-    merged = _preferred(score_all(HFScorer(AutoModelForCausalLM.from_pretrained(str(root / "hf"),
-                                                                                dtype=torch.float32).eval()),
-                                  AutoTokenizer.from_pretrained(str(root / "hf")), pairs, "merged", False))
+    merged = _preferred(
+        score_pairs(
+            HFScorer(AutoModelForCausalLM.from_pretrained(str(root / "hf"), dtype=torch.float32).eval()),
+            AutoTokenizer.from_pretrained(str(root / "hf")),
+            pairs,
+            "merged",
+            False,
+        )
+    )
     files = {}
     for quant in QUANTS:
         with open_model(first / f"model-{quant}.gguf", threads=2) as (scorer, tokenizer):
-            files[quant] = _preferred(score_all(scorer, tokenizer, pairs, quant, False))
+            files[quant] = _preferred(score_pairs(scorer, tokenizer, pairs, quant, False))
     kept = [i for i in range(len(rows)) if merged[i] == files["f16"][i] == files["q8_0"][i]]
     flipped = [i for i in kept if files["q4_k_m"][i] != merged[i]][:6]
     agreed = [i for i in kept if files["q4_k_m"][i] == merged[i]][:30]
     assert len(flipped) >= 2 and len(agreed) == 30, (len(flipped), len(agreed))
-    chosen = [dict(rows[i]) if merged[i] == "chosen" else dict(rows[i], chosen=rows[i]["rejected"],
-                                                                  rejected=rows[i]["chosen"])
-              for i in sorted(agreed + flipped)]
+    chosen = [
+        dict(rows[i])
+        if merged[i] == "chosen"
+        else dict(rows[i], chosen=rows[i]["rejected"], rejected=rows[i]["chosen"])
+        for i in sorted(agreed + flipped)
+    ]
     (root / "held_out.jsonl").write_text("".join(json.dumps(r) + "\n" for r in chosen))
     return {"root": root, "hf": root / "hf", "pairs": root / "held_out.jsonl", "flipped": len(flipped)}
 
 
 def test_keep_accuracy_picks_the_smallest_file_that_keeps_it_and_the_figures_equal_orpo_score(case):
     out = case["root"] / "export"
+    # fmt: off
     proc = _orpo("merge-and-quantize", "--base", case["hf"], "--out", out, *[a for q in QUANTS for a in ("--quant", q)],
                  "--eval-pairs", case["pairs"], "--keep-accuracy", "0.99")
+    # fmt: on
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads((out / "export_report.json").read_text())
     preference = report["preference"]
@@ -85,8 +103,14 @@ def test_keep_accuracy_picks_the_smallest_file_that_keeps_it_and_the_figures_equ
     assert "| model-q4_k_m.gguf |" in proc.stdout and "| merged | - | 1.000 |" in proc.stdout
 
     # Each file's figures are `orpo score`'s on the same pairs and files.
-    scored = _orpo("score", *[out / f"model-{q}.gguf" for q in QUANTS], "--pairs", case["pairs"], "--report",
-                   case["root"] / "score.json")
+    scored = _orpo(
+        "score",
+        *[out / f"model-{q}.gguf" for q in QUANTS],
+        "--pairs",
+        case["pairs"],
+        "--report",
+        case["root"] / "score.json",
+    )
     assert scored.returncode == 0, scored.stderr[-3000:]
     for quant, m in zip(QUANTS, json.loads((case["root"] / "score.json").read_text())["models"]):
         assert m["accuracy"] == models[quant]["accuracy"], quant
@@ -95,13 +119,26 @@ def test_keep_accuracy_picks_the_smallest_file_that_keeps_it_and_the_figures_equ
 
 def test_keep_accuracy_that_no_file_keeps_points_at_the_best(case):
     out = case["root"] / "only-q4"
+    # fmt: off
     proc = _orpo("merge-and-quantize", "--base", case["hf"], "--out", out, "--quant", "q4_k_m", "--quant", "q8_0",
                  "--eval-pairs", case["pairs"], "--keep-accuracy", "1")
+    # fmt: on
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "model-q8_0.gguf is the smallest file that keeps at least 100.0%" in proc.stderr
     out = case["root"] / "none"
-    proc = _orpo("merge-and-quantize", "--base", case["hf"], "--out", out, "--quant", "q4_k_m",
-                 "--eval-pairs", case["pairs"], "--keep-accuracy", "1")
+    proc = _orpo(
+        "merge-and-quantize",
+        "--base",
+        case["hf"],
+        "--out",
+        out,
+        "--quant",
+        "q4_k_m",
+        "--eval-pairs",
+        case["pairs"],
+        "--keep-accuracy",
+        "1",
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "no file keeps 100.0% of the merged model's preference accuracy; the best, model-q4_k_m.gguf" in proc.stderr
     assert (out / "Modelfile").read_text().startswith("FROM ./model-q4_k_m.gguf")
@@ -113,10 +150,13 @@ def test_keep_accuracy_without_pairs_and_a_bad_pairs_file_are_refused_before_any
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1] == (
         "Error: --keep-accuracy needs held-out preference pairs: pass --eval-pairs FILE (axolotl merge-and-quantize "
-        "also reads the config's test_datasets)")
+        "also reads the config's test_datasets)"
+    )
     assert not out.exists()
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n{"prompt": "a", "chosen": "b"}\n')
     proc = _orpo("merge-and-quantize", "--base", case["hf"], "--out", out, "--quant", "f16", "--eval-pairs", bad)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr and not out.exists()
-    assert f"{bad} row 1 (line 2): field 'rejected': missing field" in proc.stderr and "--on-bad-row skip" in proc.stderr
+    assert (
+        f"{bad} row 1 (line 2): field 'rejected': missing field" in proc.stderr and "--on-bad-row skip" in proc.stderr
+    )

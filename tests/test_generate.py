@@ -1,4 +1,4 @@
-"""serve.generate, the token loop behind `orpo serve` and `orpo chat`: the same text as
+"""serve.serving.generate, the token loop behind `orpo serve` and `orpo chat`: the same text as
 llama-cpp-python's create_completion on the same settings, and the decoding and stop-string rules
 on every split of bytes into tokens."""
 
@@ -11,8 +11,8 @@ import tiny
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from serve import generate as gen
-from serve.convert import convert
+from serve.export.convert import convert
+from serve.serving import generate as gen
 
 
 @pytest.fixture(scope="module")
@@ -31,19 +31,25 @@ CASES = [  # (prompt, max_tokens, stop, sampling)
     ("Hello there", 40, [], gen.Sampling(temperature=0)),
     ("The answer is", 60, ["e", "an"], gen.Sampling(temperature=0)),
     ("Once upon", 30, [], gen.Sampling(temperature=0.9, top_k=20, top_p=0.9, min_p=0.02, seed=1234)),
-    ("Numbers:", 30, [" t"], gen.Sampling(temperature=0.7, repeat_penalty=1.3, presence_penalty=0.5,
-                                          frequency_penalty=0.4, seed=7)),
+    (
+        "Numbers:",
+        30,
+        [" t"],
+        gen.Sampling(temperature=0.7, repeat_penalty=1.3, presence_penalty=0.5, frequency_penalty=0.4, seed=7),
+    ),
 ]
 
 
 @pytest.mark.parametrize(("prompt", "max_tokens", "stop", "sampling"), CASES)
 def test_the_text_equals_llama_cpp_python_s_create_completion(llm, prompt, max_tokens, stop, sampling):
     tokens = llm.tokenize(prompt.encode())
+    # fmt: off
     theirs = llm.create_completion(
         tokens, max_tokens=max_tokens, stop=stop, temperature=sampling.temperature, top_p=sampling.top_p,
         top_k=sampling.top_k, min_p=sampling.min_p, typical_p=sampling.typical_p,
         repeat_penalty=sampling.repeat_penalty, presence_penalty=sampling.presence_penalty,
         frequency_penalty=sampling.frequency_penalty, seed=sampling.seed)
+    # fmt: on
     outcome = gen.Outcome()
     pieces = list(gen.generate(llm, tokens, max_tokens, stop, sampling, outcome=outcome))
     assert "".join(pieces) == outcome.text and all(pieces)
@@ -77,7 +83,7 @@ def _reference(pieces: list[bytes], stops: list[str], max_tokens: int) -> str:
         text = b"".join(pieces[:k]).decode("utf-8", errors="replace")
         hits = [text.find(s) for s in stops if s in text]
         if hits:
-            return text[:min(hits)]
+            return text[: min(hits)]
     return b"".join(pieces[:max_tokens]).decode("utf-8", errors="replace")
 
 
@@ -85,10 +91,16 @@ UTF8 = st.text(alphabet=st.characters(codec="utf-8", exclude_characters="\ufffd"
 
 
 @settings(max_examples=400, deadline=None)
-@given(st.lists(UTF8, max_size=8), st.data(), st.lists(st.sampled_from(["ab", "a", "é!", "\n\n", "b c"]), max_size=2),
-       st.integers(1, 40), st.lists(st.binary(min_size=1, max_size=1), max_size=2))
-def test_decoding_and_stop_strings_on_every_split_of_the_bytes(monkeypatch_module, texts, data, stops, max_tokens,
-                                                              stray):
+@given(
+    st.lists(UTF8, max_size=8),
+    st.data(),
+    st.lists(st.sampled_from(["ab", "a", "é!", "\n\n", "b c"]), max_size=2),
+    st.integers(1, 40),
+    st.lists(st.binary(min_size=1, max_size=1), max_size=2),
+)
+def test_decoding_and_stop_strings_on_every_split_of_the_bytes(
+    monkeypatch_module, texts, data, stops, max_tokens, stray
+):
     raw = "".join(texts).encode() + b"".join(stray)  # stray bytes: often not UTF-8
     cuts = sorted(data.draw(st.sets(st.integers(1, max(1, len(raw) - 1)), max_size=len(raw))))
     pieces = [raw[a:b] for a, b in zip([0, *cuts], [*cuts, len(raw)]) if raw[a:b]]

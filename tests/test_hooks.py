@@ -49,34 +49,43 @@ def acme_site(tmp_path):
 
 def test_builtins_come_through_the_same_hooks():
     from orpo_plugin.losses import get_losses
-    from serve.architectures import get_architectures
+    from serve.export.architectures import get_architectures
 
     assert {"prompt", "conversation", "question"} <= set(get_formats())
     assert "orpo" in get_losses()
     assert {"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM"} <= set(get_architectures())
     names = {registry.pm.get_name(p) for p in registry.pm.get_plugins()}
-    assert {"orpo_plugin.core.formats", "orpo_plugin.losses", "serve.architectures"} <= names
+    assert {"orpo_plugin.core.formats", "orpo_plugin.losses", "serve.export.architectures"} <= names
 
 
 def test_each_consumer_registers_only_its_own_hook():
     """Looking up a loss (training) registers no GGUF architecture and imports neither gguf nor
     serve; looking up formats (serving) imports no torch."""
-    code = ("import sys; from orpo_plugin.losses import get_losses; get_losses(); "
-            "from orpo_plugin.core import registry; "
-            "print(sorted(registry.pm.get_name(p) for p in registry.pm.get_plugins())); "
-            "print('gguf' in sys.modules, any(m.startswith('serve') for m in sys.modules))")
+    code = (
+        "import sys; from orpo_plugin.losses import get_losses; get_losses(); "
+        "from orpo_plugin.core import registry; "
+        "print(sorted(registry.pm.get_name(p) for p in registry.pm.get_plugins())); "
+        "print('gguf' in sys.modules, any(m.startswith('serve') for m in sys.modules))"
+    )
     out = subprocess.run([sys.executable, "-c", code], env=_env(), capture_output=True, text=True, check=True)
     assert out.stdout.splitlines() == ["['orpo_plugin.losses']", "False False"]
-    code = ("import sys; from orpo_plugin.core.formats import get_formats; print(sorted(get_formats())); "
-            "print('torch' in sys.modules)")
+    code = (
+        "import sys; from orpo_plugin.core.formats import get_formats; print(sorted(get_formats())); "
+        "print('torch' in sys.modules)"
+    )
     out = subprocess.run([sys.executable, "-c", code], env=_env(), capture_output=True, text=True, check=True)
     assert out.stdout.splitlines() == ["['conversation', 'prompt', 'question']", "False"]
 
 
 def test_entry_point_format_is_discovered(acme_site):
     env = dict(_env(), PYTHONPATH=str(acme_site))
-    out = subprocess.run([sys.executable, "-c", "from orpo_plugin.core.formats import get_formats; print(sorted(get_formats()))"],
-                         env=env, capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", "from orpo_plugin.core.formats import get_formats; print(sorted(get_formats()))"],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     assert "'acme'" in out.stdout
 
 
@@ -84,11 +93,22 @@ def test_third_party_format_trains_through_the_cli(acme_site, tmp_path, tiny_def
     rows = [{"instruction": f"What is {i} + {i}?", "good": f"{2 * i}", "bad": f"{2 * i + 1}"} for i in range(16)]
     data = tmp_path / "acme.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    config = _tiny_config(tmp_path, tiny_default, max_steps=2, test_datasets=None, eval_steps=None,
-                          datasets=[{"path": str(data), "ds_type": "json", "type": "orpo_plugin.preference"}])
-    proc = subprocess.run([sys.executable.replace("python", "axolotl"), "train", str(config), "--launcher", "python"],
-                          cwd=tmp_path, env=dict(_env(), PYTHONPATH=str(acme_site)), capture_output=True, text=True,
-                          timeout=600)
+    config = _tiny_config(
+        tmp_path,
+        tiny_default,
+        max_steps=2,
+        test_datasets=None,
+        eval_steps=None,
+        datasets=[{"path": str(data), "ds_type": "json", "type": "orpo_plugin.preference"}],
+    )
+    proc = subprocess.run(
+        [sys.executable.replace("python", "axolotl"), "train", str(config), "--launcher", "python"],
+        cwd=tmp_path,
+        env=dict(_env(), PYTHONPATH=str(acme_site)),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:]
     assert f"{data} [acme]: 16 rows -> 16 pairs" in proc.stdout
     assert (tmp_path / "out" / "adapter_model.safetensors").exists()
@@ -100,8 +120,11 @@ def _margin_penalty(chosen_avg, rejected_avg):
 
 @pytest.fixture()
 def margin_loss():
-    plugin = types.SimpleNamespace(register_losses=hookimpl(
-        lambda register: register(PreferenceLoss("margin", _margin_penalty, include_nll=False))))
+    plugin = types.SimpleNamespace(
+        register_losses=hookimpl(
+            lambda register: register(PreferenceLoss("margin", _margin_penalty, include_nll=False))
+        )
+    )
     registry.pm.register(plugin, name="test-margin")
     registry.refresh()
     yield
@@ -126,8 +149,9 @@ def test_unknown_loss_name_lists_the_registered_ones(model_dirs, tmp_path, fresh
 
 
 def test_two_registrations_of_one_name_are_refused():
-    plugin = types.SimpleNamespace(register_losses=hookimpl(
-        lambda register: register(PreferenceLoss("orpo", _margin_penalty))))
+    plugin = types.SimpleNamespace(
+        register_losses=hookimpl(lambda register: register(PreferenceLoss("orpo", _margin_penalty)))
+    )
     from orpo_plugin.losses import get_losses
 
     registry.pm.register(plugin, name="test-dup")

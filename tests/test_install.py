@@ -11,24 +11,35 @@ import re
 import shutil
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 from packaging.version import Version
 
 ROOT = Path(__file__).resolve().parents[1]
-TRAINING_ONLY = {"axolotl", "torch", "bitsandbytes", "triton", "peft", "trl", "accelerate", "deepspeed",
-                 "torchao", "liger-kernel"}
+TRAINING_ONLY = {
+    "axolotl",
+    "torch",
+    "bitsandbytes",
+    "triton",
+    "peft",
+    "trl",
+    "accelerate",
+    "deepspeed",
+    "torchao",
+    "liger-kernel",
+}
 
 
 def _llama_wheels() -> Path:
     """The llama-cpp-python wheel `make setup` built for this machine (ORPO_LLAMA_WHEELS)."""
     version = re.search(r'"llama-cpp-python[^=]*==([0-9.]+)"', (ROOT / "pyproject.toml").read_text())[1]
     found = os.environ.get("ORPO_LLAMA_WHEELS") or next(
-        iter(sorted(Path.home().glob(f".cache/orpo-plugin/wheels/llama-cpp-python-{version}-*"))), None)
+        iter(sorted(Path.home().glob(f".cache/orpo-plugin/wheels/llama-cpp-python-{version}-*"))), None
+    )
     assert found and list(Path(found).glob("*.whl")), "no llama-cpp-python wheel: run `make setup` first"
     return Path(found)
 
@@ -39,8 +50,11 @@ def _source(tmp_path: Path) -> Path:
     src.mkdir()
     for name in ("pyproject.toml", "README.md", "orpo_plugin", "serve", "orpo_demo"):
         copy = shutil.copytree if (ROOT / name).is_dir() else shutil.copy2
-        copy(ROOT / name, src / name, **({"ignore": shutil.ignore_patterns("__pycache__")}
-                                          if (ROOT / name).is_dir() else {}))
+        copy(
+            ROOT / name,
+            src / name,
+            **({"ignore": shutil.ignore_patterns("__pycache__")} if (ROOT / name).is_dir() else {}),
+        )
     return src
 
 
@@ -53,8 +67,16 @@ def _run(*cmd, **kwargs) -> subprocess.CompletedProcess:
 def test_serve_extra_installs_without_axolotl_or_torch(tmp_path, trained_tiny):
     src, venv = _source(tmp_path), tmp_path / "venv"
     _run(sys.executable, "-m", "venv", venv)
-    pip = [venv / "bin" / "python", "-m", "pip", "--disable-pip-version-check", "install", "--quiet",
-           "--find-links", _llama_wheels()]
+    pip = [
+        venv / "bin" / "python",
+        "-m",
+        "pip",
+        "--disable-pip-version-check",
+        "install",
+        "--quiet",
+        "--find-links",
+        _llama_wheels(),
+    ]
     report = tmp_path / "report.json"
     _run(*pip, "--dry-run", "--report", report, f"{src}[serve]")
     names = {item["metadata"]["name"].lower().replace("_", "-") for item in json.loads(report.read_text())["install"]}
@@ -67,11 +89,16 @@ def test_serve_extra_installs_without_axolotl_or_torch(tmp_path, trained_tiny):
     help_text = _run(venv / "bin" / "orpo", "serve", "--help", env=env, cwd=tmp_path).stdout
     assert "--model" in help_text or "MODEL" in help_text
     # Every module of the serve side imports in that environment (torch is not there to import).
-    modules = sorted(f"serve.{p.stem}" for p in (ROOT / "serve").glob("*.py") if p.stem != "__init__")
-    probe = ("import importlib, sys\n"
-             f"for name in {modules!r}: importlib.import_module(name)\n"
-             "assert 'torch' not in sys.modules and 'axolotl' not in sys.modules\n"
-             "import importlib.util as u; assert u.find_spec('torch') is None\n")
+    modules = sorted(
+        ".".join(p.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
+        for p in (ROOT / "serve").rglob("*.py")
+    )
+    probe = (
+        "import importlib, sys\n"
+        f"for name in {modules!r}: importlib.import_module(name)\n"
+        "assert 'torch' not in sys.modules and 'axolotl' not in sys.modules\n"
+        "import importlib.util as u; assert u.find_spec('torch') is None\n"
+    )
     _run(venv / "bin" / "python", "-c", probe, env=env, cwd=tmp_path)
 
     # The trained adapter exported and scored there: the export's tensor and token checks run, its
@@ -80,13 +107,34 @@ def test_serve_extra_installs_without_axolotl_or_torch(tmp_path, trained_tiny):
 
     env = offline_env(env)
     out = tmp_path / "gguf"
-    _run(venv / "bin" / "orpo", "merge-and-quantize", "--base", trained_tiny["base"], "--adapter",
-         trained_tiny["adapter"], "--out", out, "--quant", "q8_0", "--quant", "f16", "--eval-pairs",
-         trained_tiny["eval"], "--eval-limit", "8", "--keep-accuracy", "0.9", env=env, cwd=tmp_path)
+    _run(
+        venv / "bin" / "orpo",
+        "merge-and-quantize",
+        "--base",
+        trained_tiny["base"],
+        "--adapter",
+        trained_tiny["adapter"],
+        "--out",
+        out,
+        "--quant",
+        "q8_0",
+        "--quant",
+        "f16",
+        "--eval-pairs",
+        trained_tiny["eval"],
+        "--eval-limit",
+        "8",
+        "--keep-accuracy",
+        "0.9",
+        env=env,
+        cwd=tmp_path,
+    )
     report = json.loads((out / "export_report.json").read_text())
     assert report["models"]["q8_0"]["ok"] and report["models"]["q8_0"]["tokens_identical"]
-    assert report["logits"] == {"checked": False, "why": "torch is not installed (orpo-plugin[serve] alone); "
-                                                         "install torch to run it"}
+    assert report["logits"] == {
+        "checked": False,
+        "why": "torch is not installed (orpo-plugin[serve] alone); install torch to run it",
+    }
     assert (out / "model-q8_0.gguf").read_bytes() == (trained_tiny["gguf"] / "model-q8_0.gguf").read_bytes()
     # Without torch the merged model is not built: the most precise file stands in for it.
     preference = report["preference"]
@@ -97,8 +145,14 @@ def test_serve_extra_installs_without_axolotl_or_torch(tmp_path, trained_tiny):
     # The GGUF scores there; the adapter, which needs torch, gets one line saying so, no traceback.
     pairs = ["--pairs", trained_tiny["eval"], "--limit", "4"]
     _run(venv / "bin" / "orpo", "score", out / "model-q8_0.gguf", *pairs, env=env, cwd=tmp_path)
-    proc = subprocess.run([str(c) for c in (venv / "bin" / "orpo", "score", trained_tiny["adapter"], *pairs)],
-                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    proc = subprocess.run(
+        [str(c) for c in (venv / "bin" / "orpo", "score", trained_tiny["adapter"], *pairs)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=300,
+    )
     assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert "needs torch and peft, which the serve-only install leaves out" in proc.stderr
 
@@ -134,14 +188,24 @@ def test_install_into_a_recorded_axolotl_0_21_environment_changes_nothing(extras
 
 def _conflicts(requirements: list[Requirement], installed: dict[str, str]) -> list[str]:
     """The requirements (for Python 3.12 on x86-64 Linux) that an installed version does not satisfy."""
-    marker_env = {"python_version": "3.12", "python_full_version": "3.12.1", "sys_platform": "linux",
-                  "platform_machine": "x86_64", "platform_system": "Linux", "os_name": "posix",
-                  "implementation_name": "cpython", "extra": ""}
+    marker_env = {
+        "python_version": "3.12",
+        "python_full_version": "3.12.1",
+        "sys_platform": "linux",
+        "platform_machine": "x86_64",
+        "platform_system": "Linux",
+        "os_name": "posix",
+        "implementation_name": "cpython",
+        "extra": "",
+    }
     found = []
     for req in requirements:
         name = canonicalize_name(req.name)
-        if (not req.marker or req.marker.evaluate(marker_env)) and name in installed \
-                and not req.specifier.contains(installed[name], prereleases=True):
+        if (
+            (not req.marker or req.marker.evaluate(marker_env))
+            and name in installed
+            and not req.specifier.contains(installed[name], prereleases=True)
+        ):
             found.append(f"{req} but {name} {installed[name]} is installed")
     return found
 
@@ -156,8 +220,7 @@ def _compat():
     return module
 
 
-def test_make_compat_reads_requires_python_from_pypi_and_refuses_an_older_interpreter(tmp_path, monkeypatch,
-                                                                                       capsys):
+def test_make_compat_reads_requires_python_from_pypi_and_refuses_an_older_interpreter(tmp_path, monkeypatch, capsys):
     """`make compat` never forces an install past Requires-Python. It reads each release's from
     PyPI's index (Axolotl 0.21.0: >=3.12); given an interpreter older than the release requires, it
     says so in one line, exits 2, and builds nothing."""
@@ -172,6 +235,8 @@ def test_make_compat_reads_requires_python_from_pypi_and_refuses_an_older_interp
         compat.main(["--python", sys.executable, "--out", str(tmp_path / "compat")])
     assert exit_.value.code == 2
     out = capsys.readouterr()
-    assert out.out == "" and out.err == (f"compat: axolotl 9.0.0 requires Python >{version}; {sys.executable} is "
-                                         f"Python {version} (give an interpreter that satisfies it with --python)\n")
+    assert out.out == "" and out.err == (
+        f"compat: axolotl 9.0.0 requires Python >{version}; {sys.executable} is "
+        f"Python {version} (give an interpreter that satisfies it with --python)\n"
+    )
     assert not (tmp_path / "compat").exists()

@@ -32,8 +32,7 @@ def test_values_and_gradients_match_full_log_softmax(method, bias):
     hidden, targets = torch.randn(37, 32), torch.randint(0, 301, (37,))
     weights = torch.randn(37)  # an arbitrary per-token objective, as ORPO's is
     ref = _grads(_reference, hidden, head, targets, weights)
-    got = _grads(lambda h, t, m: token_logprobs(h, t, m, chunk_tokens=8, method=method),
-                 hidden, head, targets, weights)
+    got = _grads(lambda h, t, m: token_logprobs(h, t, m, chunk_tokens=8, method=method), hidden, head, targets, weights)
     for r, g in zip(ref, got):
         torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-5)
 
@@ -44,8 +43,9 @@ def test_chunked_path_handles_softcap_and_scale():
     hidden, targets = torch.randn(20, 16) * 5, torch.randint(0, 64, (20,))
     weights = torch.randn(20)
     ref = _grads(lambda h, t, m: _reference(h, t, m, scale=0.5, softcap=3.0), hidden, head, targets, weights)
-    got = _grads(lambda h, t, m: token_logprobs(h, t, m, chunk_tokens=6, scale=0.5, softcap=3.0),
-                 hidden, head, targets, weights)
+    got = _grads(
+        lambda h, t, m: token_logprobs(h, t, m, chunk_tokens=6, scale=0.5, softcap=3.0), hidden, head, targets, weights
+    )
     for r, g in zip(ref, got):
         torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-5)
     assert not can_fuse(head, scale=0.5)
@@ -67,8 +67,9 @@ def test_wrapped_head_uses_the_module_not_its_weight():
     head = model.base_model.model.lm_head
     assert not can_fuse(head)
     hidden, targets = torch.randn(9, 16), torch.randint(0, 40, (9,))
-    torch.testing.assert_close(token_logprobs(hidden, targets, head, chunk_tokens=4),
-                               _reference(hidden, targets, head), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        token_logprobs(hidden, targets, head, chunk_tokens=4), _reference(hidden, targets, head), rtol=1e-5, atol=1e-6
+    )
     plain = _reference(hidden, targets, head.base_layer)
     assert not torch.allclose(plain, _reference(hidden, targets, head))
 

@@ -10,22 +10,29 @@ import gguf
 import llama_cpp
 import numpy as np
 import pytest
+import tiny
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM
 
-import tiny
-from serve.convert import convert
-from serve.merge import MergeError, merged
-from serve.parity import reference_model
-from serve.quantize import QuantizeError, quantize
+from serve.export.convert import convert
+from serve.export.merge import MergeError, merged
+from serve.export.parity import reference_model
+from serve.export.quantize import QuantizeError, quantize
 
 
 def _random_adapter(model_dir, out_dir, seed=0, targets=("q_proj", "v_proj", "down_proj"), **lora):
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
-    peft = get_peft_model(model, LoraConfig(**dict(dict(r=4, lora_alpha=8), **lora), target_modules=list(targets),
-                                            init_lora_weights=False, task_type="CAUSAL_LM"))
+    peft = get_peft_model(
+        model,
+        LoraConfig(
+            **dict(dict(r=4, lora_alpha=8), **lora),
+            target_modules=list(targets),
+            init_lora_weights=False,
+            task_type="CAUSAL_LM",
+        ),
+    )
     if lora.get("use_dora"):  # DoRA starts at the weights' own norms; move the magnitudes too
         with torch.no_grad():
             for name, param in peft.named_parameters():
@@ -49,8 +56,10 @@ def _sharded(model_dir, out_dir):
 CASES = {
     "attention and MLP": ("llama", ("q_proj", "v_proj", "down_proj"), {}),
     "every linear, rsLoRA, per-module rank and alpha": (
-        "mistral", ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
-        dict(use_rslora=True, rank_pattern={"o_proj": 2}, alpha_pattern={"k_proj": 32})),
+        "mistral",
+        ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+        dict(use_rslora=True, rank_pattern={"o_proj": 2}, alpha_pattern={"k_proj": 32}),
+    ),
     "qwen2 biases untouched, tied": ("qwen2", ("q_proj", "v_proj", "down_proj"), {}),
     "DoRA": ("llama", ("q_proj", "v_proj", "up_proj"), dict(use_dora=True)),
     "DoRA on the embedding": ("llama", ("embed_tokens", "q_proj"), dict(use_dora=True)),
@@ -104,15 +113,23 @@ def test_a_vocabulary_resized_in_training_is_exported(model_dirs, tmp_path):
     matrices beside the adapter, and the tokenizer is saved there too. The export takes both."""
     from transformers import AutoTokenizer
 
-    from serve.export import export
+    from serve.export.pipeline import export
 
     model = AutoModelForCausalLM.from_pretrained(str(model_dirs["llama"]), dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(str(model_dirs["llama"]))
     tokenizer.add_special_tokens({"additional_special_tokens": ["<|tool|>", "<|/tool|>"]})
     model.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=32)
     torch.manual_seed(0)
-    peft = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "embed_tokens", "lm_head"],
-                                            init_lora_weights=False, task_type="CAUSAL_LM"))
+    peft = get_peft_model(
+        model,
+        LoraConfig(
+            r=4,
+            lora_alpha=8,
+            target_modules=["q_proj", "embed_tokens", "lm_head"],
+            init_lora_weights=False,
+            task_type="CAUSAL_LM",
+        ),
+    )
     peft.save_pretrained(str(tmp_path / "adapter"))
     tokenizer.save_pretrained(str(tmp_path / "adapter"))
     ours = merged(model_dirs["llama"], tmp_path / "adapter")
@@ -131,9 +148,9 @@ def test_a_vocabulary_resized_in_training_is_exported(model_dirs, tmp_path):
 MEASURE = """
 import json, sys
 from pathlib import Path
-from serve.convert import convert
-from serve.memory import peak_rss, reset_peak
-from serve.merge import merged
+from serve.export.convert import convert
+from serve.export.memory import peak_rss, reset_peak
+from serve.export.merge import merged
 source = merged(sys.argv[1], sys.argv[2])
 from transformers import AutoTokenizer
 AutoTokenizer.from_pretrained(sys.argv[1])  # libraries and the tokenizer are not the merge
@@ -147,14 +164,38 @@ print(json.dumps({"start": start, "peak": peak_rss()}))
 def test_memory_stays_bounded_far_below_the_model(tmp_path):
     """A 460 MB (fp32 in memory) model merges and converts with a peak far below its size: only slices
     of one tensor are ever held."""
-    tiny.build_model("llama", tmp_path / "m", hidden_size=1024, intermediate_size=2816, num_hidden_layers=4,
-                     num_attention_heads=8, num_key_value_heads=8, vocab_size=32000)
-    adapter = _random_adapter(tmp_path / "m", tmp_path / "adapter",
-                              targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
-                                       "lm_head", "embed_tokens"))
+    tiny.build_model(
+        "llama",
+        tmp_path / "m",
+        hidden_size=1024,
+        intermediate_size=2816,
+        num_hidden_layers=4,
+        num_attention_heads=8,
+        num_key_value_heads=8,
+        vocab_size=32000,
+    )
+    adapter = _random_adapter(
+        tmp_path / "m",
+        tmp_path / "adapter",
+        targets=(
+            "q_proj",
+            "k_proj",
+            "v_proj",
+            "o_proj",
+            "gate_proj",
+            "up_proj",
+            "down_proj",
+            "lm_head",
+            "embed_tokens",
+        ),
+    )
     fp32 = sum(p.stat().st_size for p in (tmp_path / "m").glob("*.safetensors"))
-    proc = subprocess.run([sys.executable, "-c", MEASURE, str(tmp_path / "m"), str(adapter), str(tmp_path / "o.gguf")],
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-c", MEASURE, str(tmp_path / "m"), str(adapter), str(tmp_path / "o.gguf")],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     rss = json.loads(proc.stdout.strip().splitlines()[-1])
     assert fp32 > 400e6 and rss["peak"] - rss["start"] < fp32 / 8, (rss, fp32)
@@ -163,17 +204,20 @@ def test_memory_stays_bounded_far_below_the_model(tmp_path):
 
 def test_merge_errors_name_the_problem(model_dirs, tmp_path):
     (tmp_path / "empty").mkdir()
-    with pytest.raises(MergeError, match="no adapter_config.json"):
+    with pytest.raises(MergeError, match=r"no adapter_config.json"):
         merged(model_dirs["llama"], tmp_path / "empty")
     wide = tmp_path / "wide"
     tiny.build_model("llama", wide, hidden_size=96, intermediate_size=192)  # another base
     adapter = _random_adapter(wide, tmp_path / "adapter")
-    with pytest.raises(MergeError, match=r"does not fit base model .*its LoRA on model.layers.0.\S+.weight "
-                                         r"is for a \[96, \d+\] matrix, the base has it as \[64, \d+\]"):
+    with pytest.raises(
+        MergeError,
+        match=r"does not fit base model .*its LoRA on model.layers.0.\S+.weight "
+        r"is for a \[96, \d+\] matrix, the base has it as \[64, \d+\]",
+    ):
         merged(model_dirs["llama"], adapter)
     config = json.loads((adapter / "adapter_config.json").read_text())
     (adapter / "adapter_config.json").write_text(json.dumps(dict(config, peft_type="IA3")))
-    with pytest.raises(MergeError, match="peft_type 'IA3' .* is not supported"):
+    with pytest.raises(MergeError, match=r"peft_type 'IA3' .* is not supported"):
         merged(wide, adapter)
 
 
@@ -198,9 +242,12 @@ def test_q4_k_m_writes_real_k_quant_tensors_and_keeps_the_template(tmp_path, cap
 
 
 def test_unknown_quant_lists_the_choices_and_a_failed_quantization_leaves_nothing(tmp_path):
-    with pytest.raises(QuantizeError, match="choose from .*q4_k_m"):
+    with pytest.raises(QuantizeError, match=r"choose from .*q4_k_m"):
         quantize(tmp_path / "x.gguf", tmp_path / "y.gguf", "q4_k_xl")
     (tmp_path / "x.gguf").write_bytes(b"not a gguf")
-    with pytest.raises(QuantizeError, match=r"llama.cpp could not quantize .*x.gguf to q4_k_m: llama_model_quantize: failed to quantize"):
+    with pytest.raises(
+        QuantizeError,
+        match=r"llama.cpp could not quantize .*x.gguf to q4_k_m: llama_model_quantize: failed to quantize",
+    ):
         quantize(tmp_path / "x.gguf", tmp_path / "y.gguf", "q4_k_m")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["x.gguf"]

@@ -11,22 +11,34 @@ import subprocess
 from pathlib import Path
 
 import pytest
-
 import tiny
+
 from orpo_demo.real_model import packaged_gguf, tokenizer_from_gguf
-from serve.modelfile import FAMILIES, detect_family, modelfile_text, write_modelfile
+from serve.export.modelfile import FAMILIES, detect_family, modelfile_text, write_modelfile
 
 CONVERSATIONS = [
     [{"role": "user", "content": "What is 2 + 3?"}],
-    [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"},
-     {"role": "user", "content": "And 4 * 5?\nTwo lines."}],
+    [
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello!"},
+        {"role": "user", "content": "And 4 * 5?\nTwo lines."},
+    ],
     [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Q"}],
-    [{"role": "system", "content": "Be brief.\nAnd kind."}, {"role": "user", "content": "Q1"},
-     {"role": "assistant", "content": "A1"}, {"role": "user", "content": "Q2"}],
+    [
+        {"role": "system", "content": "Be brief.\nAnd kind."},
+        {"role": "user", "content": "Q1"},
+        {"role": "assistant", "content": "A1"},
+        {"role": "user", "content": "Q2"},
+    ],
 ]
 # family -> the chat template a model of that family ships (Axolotl's copies of the real ones)
-TEMPLATES = {"chatml": "chatml", "llama3": "llama3", "mistral_v1": "mistral_v1", "mistral": "mistral_v2v3",
-             "mistral_tekken": "mistral_v3_tekken"}
+TEMPLATES = {
+    "chatml": "chatml",
+    "llama3": "llama3",
+    "mistral_v1": "mistral_v1",
+    "mistral": "mistral_v2v3",
+    "mistral_tekken": "mistral_v3_tekken",
+}
 
 
 @pytest.fixture(scope="module")
@@ -34,15 +46,25 @@ def go_render(tmp_path_factory):
     """Go's text/template, through tests/gotemplate (Ollama's template variables)."""
     assert shutil.which("go"), "Go is needed to render Modelfile templates: `make go` installs it"
     binary = tmp_path_factory.mktemp("go") / "gotemplate"
-    subprocess.run(["go", "build", "-o", str(binary), "."], cwd=Path(__file__).parent / "gotemplate", check=True,
-                   capture_output=True, timeout=300)
+    subprocess.run(
+        ["go", "build", "-o", str(binary), "."],
+        cwd=Path(__file__).parent / "gotemplate",
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
 
     def render(template: str, messages: list[dict], system: str = "") -> str:
         """`system`: the Modelfile's SYSTEM, which Ollama puts first where no system message is."""
-        proc = subprocess.run([str(binary)], input=json.dumps({"template": template, "system": system,
-                                                                "messages": messages}),
-                              capture_output=True, text=True, check=True)
+        proc = subprocess.run(
+            [str(binary)],
+            input=json.dumps({"template": template, "system": system, "messages": messages}),
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         return proc.stdout
+
     return render
 
 
@@ -73,10 +95,12 @@ def test_every_family_is_tested():
 def test_a_template_that_refuses_system_turns_still_gets_its_family():
     """Mistral v0.1's own template raises on a system turn: the family is still recognised from
     the rest, and its Modelfile puts the system prompt where v1 models expect it."""
-    refuses = ("{{ bos_token }}{% for message in messages %}{% if message['role'] == 'system' %}"
-               "{{ raise_exception('no system') }}{% elif message['role'] == 'user' %}"
-               "{{ ' [INST] ' + message['content'] + ' [/INST]' }}{% else %}{{ ' ' + message['content'] + eos_token }}"
-               "{% endif %}{% endfor %}")
+    refuses = (
+        "{{ bos_token }}{% for message in messages %}{% if message['role'] == 'system' %}"
+        "{{ raise_exception('no system') }}{% elif message['role'] == 'user' %}"
+        "{{ ' [INST] ' + message['content'] + ' [/INST]' }}{% else %}{{ ' ' + message['content'] + eos_token }}"
+        "{% endif %}{% endfor %}"
+    )
     assert detect_family(refuses, "</s>", "<s>").name == "mistral_v1"
 
 
@@ -118,5 +142,6 @@ def test_smollm2_modelfile_renders_its_own_template_default_system_prompt_includ
 def test_a_template_without_a_default_system_prompt_gets_no_system_line():
     for family in TEMPLATES:
         tokenizer = _tokenizer(family)
-        assert "SYSTEM" not in modelfile_text("m.gguf", tokenizer.chat_template, 512, tokenizer.eos_token,
-                                              tokenizer.bos_token)
+        assert "SYSTEM" not in modelfile_text(
+            "m.gguf", tokenizer.chat_template, 512, tokenizer.eos_token, tokenizer.bos_token
+        )

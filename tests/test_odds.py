@@ -37,8 +37,10 @@ def test_single_formulas_fail_where_two_branch_does_not():
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.lists(st.tuples(avg_logprob, avg_logprob), min_size=1, max_size=8),
-       st.sampled_from([torch.float32, torch.bfloat16]))
+@given(
+    st.lists(st.tuples(avg_logprob, avg_logprob), min_size=1, max_size=8),
+    st.sampled_from([torch.float32, torch.bfloat16]),
+)
 def test_loss_and_gradients_finite_for_any_avg_logprob(pairs, dtype):
     a = torch.tensor([p[0] for p in pairs], dtype=dtype, requires_grad=True)
     b = torch.tensor([p[1] for p in pairs], dtype=dtype, requires_grad=True)
@@ -51,9 +53,12 @@ def test_loss_and_gradients_finite_for_any_avg_logprob(pairs, dtype):
 
 
 @settings(max_examples=40, deadline=None)
-@given(scale=st.sampled_from([1e-3, 1.0, 30.0, 300.0, 3000.0]), seed=st.integers(0, 10_000),
-       dtype=st.sampled_from([torch.float32, torch.bfloat16]),
-       method=st.sampled_from(["fused", "chunked"]))
+@given(
+    scale=st.sampled_from([1e-3, 1.0, 30.0, 300.0, 3000.0]),
+    seed=st.integers(0, 10_000),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+    method=st.sampled_from(["fused", "chunked"]),
+)
 def test_extreme_logits_through_logprobs_give_finite_loss_and_grads(scale, seed, dtype, method):
     """Huge logits drive token log-probs to ~0 (confident) or far below -50 (hopeless)."""
     gen = torch.Generator().manual_seed(seed)
@@ -86,9 +91,18 @@ def test_metrics_use_trl_names_and_pair_weighted_means():
     sums = dict(zip(odds.PAIR_SUMS, odds.pair_sums(a, b, z).tolist()))
     m = odds.metrics_from_sums(sums, 2, nll_sum=6.0, nll_tokens=3, alpha=0.1, prefix="eval_")
     assert set(m) == {
-        "eval_" + k for k in ("rewards/chosen", "rewards/rejected", "rewards/accuracies",
-                              "rewards/margins", "logps/chosen", "logps/rejected", "nll_loss",
-                              "log_odds_ratio", "log_odds_chosen")
+        "eval_" + k
+        for k in (
+            "rewards/chosen",
+            "rewards/rejected",
+            "rewards/accuracies",
+            "rewards/margins",
+            "logps/chosen",
+            "logps/rejected",
+            "nll_loss",
+            "log_odds_ratio",
+            "log_odds_chosen",
+        )
     }
     assert m["eval_rewards/accuracies"] == 0.5
     assert m["eval_rewards/chosen"] == pytest.approx(0.1 * -1.5)

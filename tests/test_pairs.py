@@ -11,8 +11,9 @@ from orpo_plugin.datasets import tokenize_dataset
 
 
 def test_response_ids_are_exactly_the_response_then_one_eos(tokenizer):
-    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "What is 2 + 3?"}],
-                                           tokenize=False, add_generation_prompt=True)
+    prompt = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "What is 2 + 3?"}], tokenize=False, add_generation_prompt=True
+    )
     ids, reason = tokenize_pair(tokenizer, prompt, "2 + 3 = 5", "2 + 3 = 6", max_length=None)
     assert reason == ""
     eos = tokenizer.eos_token_id
@@ -51,8 +52,12 @@ def test_truncation_cuts_responses_and_drops_prompts_that_fill_the_budget(tokeni
     dropped, reason = tokenize_pair(tokenizer, "a much longer question than the budget allows", "x", "y", 4)
     assert dropped is None and "sequence_len" in reason
 
-    ds = Dataset.from_list([{"prompt": "Question here", "chosen": long_answer, "rejected": "short"},
-                            {"prompt": "a much longer question than the budget", "chosen": "x", "rejected": "y"}])
+    ds = Dataset.from_list(
+        [
+            {"prompt": "Question here", "chosen": long_answer, "rejected": "short"},
+            {"prompt": "a much longer question than the budget", "chosen": "x", "rejected": "y"},
+        ]
+    )
     tokenized, notes = tokenize_dataset(ds, tokenizer, max_length=6)
     assert notes[DROPPED_PROMPT] == 1 and len(tokenized) == 1
     assert all(len(r) > 0 for r in tokenized["rejected_input_ids"])
@@ -61,8 +66,9 @@ def test_truncation_cuts_responses_and_drops_prompts_that_fill_the_budget(tokeni
 def _scored(batch, kind):
     """(row, position, target) triples of one kind, in order."""
     keep = batch["score_kind"] == kind
-    return list(zip(batch["score_row"][keep].tolist(), batch["score_pos"][keep].tolist(),
-                    batch["score_target"][keep].tolist()))
+    return list(
+        zip(batch["score_row"][keep].tolist(), batch["score_pos"][keep].tolist(), batch["score_target"][keep].tolist())
+    )
 
 
 FEATURES = [
@@ -76,7 +82,7 @@ def test_unshared_layout(multiple):
     batch = PairCollator(pad_token_id=0, pad_to_multiple_of=multiple)(FEATURES)
     width = 7 if multiple is None else 8
     assert batch["input_ids"].shape == (4, width)
-    assert batch["input_ids"][0, :5].tolist() == [5, 6, 7, 8, 2]      # chosen rows first
+    assert batch["input_ids"][0, :5].tolist() == [5, 6, 7, 8, 2]  # chosen rows first
     assert batch["input_ids"][2, :7].tolist() == [5, 6, 7, 9, 9, 9, 2]  # then rejected
     assert batch["attention_mask"].sum(1).tolist() == [5, 3, 7, 2]
     assert _scored(batch, CHOSEN) == [(0, 2, 8), (0, 3, 2), (1, 0, 3), (1, 1, 2)]
@@ -101,7 +107,7 @@ def test_prefix_shared_layout(packing):
     assert _scored(batch, REJECTED)[:4] == [(0, 2, 9), (0, 5, 9), (0, 6, 9), (0, 7, 2)]
     mask = batch["attention_mask"][0, 0]
     assert mask[5, :3].all() and not mask[5, 3:5].any() and mask[5, 5]  # rejected sees prompt, not chosen
-    assert mask[4, :5].all() and not mask[4, 5:].any()                  # chosen is plainly causal
+    assert mask[4, :5].all() and not mask[4, 5:].any()  # chosen is plainly causal
     if packing:
         assert not mask[9:, :9].any() and mask[12, 9] and not mask[12, 10]  # no attention across pairs
     else:

@@ -9,9 +9,20 @@ from test_cli import BIN, _env
 
 from serve.plot import PANELS, plot
 
-HISTORY = [dict({"step": s, "loss": 5 - s / 10, "nll_loss": 4 - s / 10, "logps/chosen": -3 + s / 10,
-                 "logps/rejected": -3 - s / 10, "log_odds_chosen": s / 5, "rewards/accuracies": min(1, s / 10)})
-           for s in range(1, 11)] + [{"step": 10, "eval_logps/chosen": -2.0, "eval_logps/rejected": -4.0}]
+HISTORY = [
+    dict(
+        {
+            "step": s,
+            "loss": 5 - s / 10,
+            "nll_loss": 4 - s / 10,
+            "logps/chosen": -3 + s / 10,
+            "logps/rejected": -3 - s / 10,
+            "log_odds_chosen": s / 5,
+            "rewards/accuracies": min(1, s / 10),
+        }
+    )
+    for s in range(1, 11)
+] + [{"step": 10, "eval_logps/chosen": -2.0, "eval_logps/rejected": -4.0}]
 
 
 def test_plot_from_the_plugins_log_history(tmp_path):
@@ -27,11 +38,17 @@ def test_plot_falls_back_to_the_newest_checkpoint_and_explains_an_empty_dir(tmp_
     for step, history in ((2, HISTORY[:2]), (10, HISTORY)):
         (tmp_path / f"checkpoint-{step}").mkdir()
         (tmp_path / f"checkpoint-{step}" / "trainer_state.json").write_text(json.dumps({"log_history": history}))
-    proc = subprocess.run([str(BIN / "orpo"), "plot", str(tmp_path), "--out", str(tmp_path / "c.png")], env=_env(),
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [str(BIN / "orpo"), "plot", str(tmp_path), "--out", str(tmp_path / "c.png")],
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0 and (tmp_path / "c.png").exists(), proc.stderr
     empty = tmp_path / "empty"
     empty.mkdir()
-    proc = subprocess.run([str(BIN / "orpo"), "plot", str(empty)], env=_env(), capture_output=True, text=True,
-                          timeout=120)
+    proc = subprocess.run(
+        [str(BIN / "orpo"), "plot", str(empty)], env=_env(), capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 1 and "no orpo_log_history.jsonl" in proc.stderr and "Traceback" not in proc.stderr

@@ -11,8 +11,10 @@ from pydantic import ValidationError
 from orpo_plugin.args import TRAINER_CLS
 
 ROOT = Path(__file__).resolve().parents[1]
-GPU = ({"bf16": True, "fp8": False, "tf32": True, "n_gpu": 1, "compute_capability": "sm_90"},
-       {"torch_version": "2.13.0"})
+GPU = (
+    {"bf16": True, "fp8": False, "tf32": True, "n_gpu": 1, "compute_capability": "sm_90"},
+    {"torch_version": "2.13.0"},
+)
 
 
 def _validate(raw: dict, capabilities=None):
@@ -32,8 +34,14 @@ def _minimal(**overrides) -> dict:
         "plugins": ["orpo_plugin.OrpoPlugin"],
         "rl": "orpo_plugin",
         "datasets": [{"path": "prefs.jsonl", "ds_type": "json", "type": "chat_template.argilla"}],
-        "sequence_len": 512, "micro_batch_size": 1, "num_epochs": 1, "learning_rate": 1e-5,
-        "bf16": False, "fp16": False, "tf32": False, "output_dir": "out",
+        "sequence_len": 512,
+        "micro_batch_size": 1,
+        "num_epochs": 1,
+        "learning_rate": 1e-5,
+        "bf16": False,
+        "fp16": False,
+        "tf32": False,
+        "output_dir": "out",
     }
     raw.update(overrides)
     return raw
@@ -50,21 +58,29 @@ def test_rl_alias_validates_as_orpo_with_our_trainer(fresh_plugins):
 def test_plugin_stays_out_of_other_runs(fresh_plugins):
     """Listed but not asked for (rl: dpo, or plain SFT): no trainer swap, no settings."""
     for rl in ("dpo", None):
-        cfg = _validate(_minimal(rl=rl, datasets=[{"path": "d.jsonl", "ds_type": "json", "type": "alpaca"}]
-                                 if rl is None else [{"path": "d.jsonl", "ds_type": "json",
-                                                      "type": "chatml.intel"}]))
+        cfg = _validate(
+            _minimal(
+                rl=rl,
+                datasets=[{"path": "d.jsonl", "ds_type": "json", "type": "alpaca"}]
+                if rl is None
+                else [{"path": "d.jsonl", "ds_type": "json", "type": "chatml.intel"}],
+            )
+        )
         assert not cfg.orpo_plugin and not cfg.trainer_cls
 
 
-@pytest.mark.parametrize("key,value,expected", [
-    ("orpo_alpha", -0.5, "orpo_alpha must be a number >= 0"),
-    ("orpo_alpha", "lots", "orpo_alpha"),
-    ("orpo_logprob_method", "fast", "'auto', 'fused' or 'chunked'"),
-    ("orpo_chunk_tokens", 0, "orpo_chunk_tokens"),
-    ("context_parallel_size", 2, "context_parallel_size: 2 is not supported with rl: orpo_plugin"),
-    ("sequence_parallel_degree", 2, "sequence_parallel_degree: 2 is not supported with rl: orpo_plugin"),
-    ("tensor_parallel_size", 2, "tensor_parallel_size: 2 is not supported with rl: orpo_plugin"),
-])
+@pytest.mark.parametrize(
+    "key,value,expected",
+    [
+        ("orpo_alpha", -0.5, "orpo_alpha must be a number >= 0"),
+        ("orpo_alpha", "lots", "orpo_alpha"),
+        ("orpo_logprob_method", "fast", "'auto', 'fused' or 'chunked'"),
+        ("orpo_chunk_tokens", 0, "orpo_chunk_tokens"),
+        ("context_parallel_size", 2, "context_parallel_size: 2 is not supported with rl: orpo_plugin"),
+        ("sequence_parallel_degree", 2, "sequence_parallel_degree: 2 is not supported with rl: orpo_plugin"),
+        ("tensor_parallel_size", 2, "tensor_parallel_size: 2 is not supported with rl: orpo_plugin"),
+    ],
+)
 def test_bad_plugin_values_name_the_key_and_the_allowed_values(key, value, expected, fresh_plugins):
     with pytest.raises(ValidationError) as err:
         _validate(_minimal(**{key: value}))

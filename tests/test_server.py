@@ -18,12 +18,12 @@ from test_cli import BIN, _env
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from orpo_demo.serving import free_port, running
-from serve.convert import convert
+from serve.export.convert import convert
 from serve.scoring import (
     HFScorer,
     LlamaCppScorer,
     PairText,
-    encode_pair,
+    pair_ids,
     score_ids,
     score_pair,
 )
@@ -34,9 +34,16 @@ AUTH = {"Authorization": f"Bearer {KEY}"}
 TOLERANCE = {"f32": 1e-3, "f16": 5e-3}
 PAIRS = [
     {"prompt": "What is 12 + 30?", "chosen": "12 + 30 = 42", "rejected": "12 + 30 = 43"},
-    {"prompt": [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "Name a prime."},
-                {"role": "assistant", "content": "7"}, {"role": "user", "content": "Another one?"}],
-     "chosen": "Eleven, which is prime.", "rejected": "Nine"},
+    {
+        "prompt": [
+            {"role": "system", "content": "Answer briefly."},
+            {"role": "user", "content": "Name a prime."},
+            {"role": "assistant", "content": "7"},
+            {"role": "user", "content": "Another one?"},
+        ],
+        "chosen": "Eleven, which is prime.",
+        "rejected": "Nine",
+    },
     {"prompt": "Raw text, no template:", "chosen": " a plain continuation", "rejected": " nope", "template": False},
 ]
 
@@ -73,7 +80,9 @@ def test_score_equals_transformers_on_the_same_tokens(server, model):
         for side in ("chosen", "rejected"):
             assert got[side]["n_tokens"] == want[side]["n_tokens"]
             assert got[side]["avg_logprob"] == pytest.approx(want[side]["avg_logprob"], abs=TOLERANCE[kind])
-            assert got[side]["logprob"] == pytest.approx(want[side]["logprob"], abs=TOLERANCE[kind] * want[side]["n_tokens"])
+            assert got[side]["logprob"] == pytest.approx(
+                want[side]["logprob"], abs=TOLERANCE[kind] * want[side]["n_tokens"]
+            )
         assert got["log_odds_ratio"] == pytest.approx(want["log_odds_ratio"], abs=20 * TOLERANCE[kind])
         assert got["preferred"] == ("chosen" if got["log_odds_ratio"] > 0 else "rejected")
     single = _score(url, PAIRS[0]).json()  # one pair in, one result out (no "results" wrapper)
@@ -83,19 +92,20 @@ def test_score_equals_transformers_on_the_same_tokens(server, model):
 def test_kv_reuse_equals_full_evaluation(model):
     """Our reuse (prompt once, answers on top) against llama-cpp-python's own full evaluation of
     each sequence (Llama.eval with logits_all), and against our own full path."""
-    plain = llama_cpp.Llama(model_path=str(model["f32"]), n_ctx=512, n_batch=8, logits_all=True, n_threads=2,
-                            verbose=False)
+    plain = llama_cpp.Llama(
+        model_path=str(model["f32"]), n_ctx=512, n_batch=8, logits_all=True, n_threads=2, verbose=False
+    )
     ours = llama_cpp.Llama(model_path=str(model["f32"]), n_ctx=512, n_batch=8, n_threads=2, verbose=False)
     tokenizer = AutoTokenizer.from_pretrained(str(model["hf"]))
     try:
         for body in PAIRS:
-            prompt, chosen, rejected = encode_pair(tokenizer, PairText(**body))
+            prompt, chosen, rejected = pair_ids(tokenizer, PairText(**body))
             reused = score_ids(LlamaCppScorer(ours), prompt, chosen, rejected)
             full = score_ids(LlamaCppScorer(ours), prompt, chosen, rejected, reuse_prompt=False)
             for side, answer in (("chosen", chosen), ("rejected", rejected)):
                 plain.reset()
                 plain.eval(prompt + answer)
-                rows = np.asarray(plain.scores[len(prompt) - 1:len(prompt) + len(answer) - 1], dtype=np.float64)
+                rows = np.asarray(plain.scores[len(prompt) - 1 : len(prompt) + len(answer) - 1], dtype=np.float64)
                 logprobs = rows[np.arange(len(answer)), answer] - np.logaddexp.reduce(rows, axis=-1)
                 assert reused[side]["logprob"] == pytest.approx(float(logprobs.sum()), abs=1e-4)
                 assert reused[side]["logprob"] == pytest.approx(full[side]["logprob"], abs=1e-4)
@@ -109,12 +119,14 @@ def test_openai_client_chats(server):
 
     _, url = server
     client = openai.OpenAI(base_url=f"{url}/v1", api_key=KEY)
-    reply = client.chat.completions.create(model="x", messages=[{"role": "user", "content": "What is 2 + 3?"}],
-                                           max_tokens=8, temperature=0)
+    reply = client.chat.completions.create(
+        model="x", messages=[{"role": "user", "content": "What is 2 + 3?"}], max_tokens=8, temperature=0
+    )
     assert reply.choices[0].message.role == "assistant" and isinstance(reply.choices[0].message.content, str)
     assert reply.usage.completion_tokens >= 1
-    stream = client.chat.completions.create(model="x", messages=[{"role": "user", "content": "Hi"}], max_tokens=8,
-                                            stream=True)
+    stream = client.chat.completions.create(
+        model="x", messages=[{"role": "user", "content": "Hi"}], max_tokens=8, stream=True
+    )
     assert len([chunk for chunk in stream]) >= 2
     completion = client.completions.create(model="x", prompt="Plain text:", max_tokens=4, temperature=0)
     assert completion.choices[0].finish_reason in ("length", "stop")
@@ -127,8 +139,11 @@ def test_api_key_guards_every_route_but_health(server):
     for headers in ({}, {"Authorization": "Bearer wrong"}):
         assert _score(url, PAIRS[0], headers=headers).status_code == 401
         assert httpx.get(f"{url}/v1/models", headers=headers).status_code == 401
-        chat = httpx.post(f"{url}/v1/chat/completions", headers=headers,
-                          json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
+        chat = httpx.post(
+            f"{url}/v1/chat/completions",
+            headers=headers,
+            json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2},
+        )
         assert chat.status_code == 401
     assert _score(url, PAIRS[0]).status_code == 200
     for docs in ("/docs", "/redoc", "/openapi.json"):
@@ -145,11 +160,17 @@ BAD = [
     ({"prompt": "q", "chosen": "a", "rejected": None}, 422, "rejected: null value"),
     ({"prompt": [{"role": "user"}], "chosen": "a", "rejected": "b"}, 422, "prompt[0]: expected a message"),
     ({"prompt": [{"role": "robot", "content": "x"}], "chosen": "a", "rejected": "b"}, 422, "unknown role 'robot'"),
-    ({"prompt": [{"role": "user", "content": ["x"]}], "chosen": "a", "rejected": "b"}, 422,
-     "prompt[0].content: expected a string"),
+    (
+        {"prompt": [{"role": "user", "content": ["x"]}], "chosen": "a", "rejected": "b"},
+        422,
+        "prompt[0].content: expected a string",
+    ),
     ({"prompt": [{"role": "assistant", "content": "x"}], "chosen": "a", "rejected": "b"}, 422, "roles out of order"),
-    ({"prompt": [{"role": "user", "content": "x"}], "chosen": "a", "rejected": "b", "template": False}, 422,
-     "needs the prompt as a string"),
+    (
+        {"prompt": [{"role": "user", "content": "x"}], "chosen": "a", "rejected": "b", "template": False},
+        422,
+        "needs the prompt as a string",
+    ),
     ({"prompt": "q", "chosen": "a", "rejected": "b", "template": "no"}, 422, "template: expected true or false"),
     ({"prompt": "q", "chosen": "a", "rejected": "b", "choosen": "a"}, 422, "choosen: unknown field"),
     ({"pairs": []}, 422, "pairs: expected a non-empty list"),
@@ -165,8 +186,9 @@ def test_bad_requests_get_a_4xx_that_names_the_problem_and_the_server_keeps_serv
     _, url = server
     for body, status, message in BAD:
         if isinstance(body, bytes):
-            response = httpx.post(f"{url}/v1/score", content=body, timeout=60,
-                                  headers={**AUTH, "Content-Type": "application/json"})
+            response = httpx.post(
+                f"{url}/v1/score", content=body, timeout=60, headers={**AUTH, "Content-Type": "application/json"}
+            )
         else:
             response = _score(url, body)
         assert response.status_code == status, (body if len(str(body)) < 200 else message, response.text)
@@ -187,8 +209,14 @@ def test_concurrent_clients_are_served_in_turn(server):
             out = []
             for j in range(12):
                 if (i + j) % 3 == 0:
-                    r = http.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": f"hi {j}"}],
-                                                                "max_tokens": 6, "stream": j % 2 == 0})
+                    r = http.post(
+                        "/v1/chat/completions",
+                        json={
+                            "messages": [{"role": "user", "content": f"hi {j}"}],
+                            "max_tokens": 6,
+                            "stream": j % 2 == 0,
+                        },
+                    )
                     out.append((r.status_code, None))
                 else:
                     r = http.post("/v1/score", json=PAIRS[1])
@@ -209,10 +237,18 @@ def test_a_file_that_is_not_a_loadable_gguf_is_refused_at_startup(tmp_path):
     junk.write_bytes(b"not a model")
     truncated = tmp_path / "truncated.gguf"
     truncated.write_bytes(b"GGUF" + b"\0" * 64)
-    for path, message in ((tmp_path / "missing.gguf", "no such file"), (junk, "not a GGUF file"),
-                          (truncated, "llama.cpp could not load it")):
-        proc = subprocess.run([str(BIN / "orpo"), "serve", str(path), "--port", str(free_port())], env=_env(),
-                              capture_output=True, text=True, timeout=120)
+    for path, message in (
+        (tmp_path / "missing.gguf", "no such file"),
+        (junk, "not a GGUF file"),
+        (truncated, "llama.cpp could not load it"),
+    ):
+        proc = subprocess.run(
+            [str(BIN / "orpo"), "serve", str(path), "--port", str(free_port())],
+            env=_env(),
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert proc.returncode == 1 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
 
 
@@ -251,20 +287,20 @@ def _check_follow_up(llm, model, tokens):
 
 
 def test_a_one_token_answer_leaves_the_cache_as_llama_cpp_believes(llm, model):
-    from serve.scoring import GGUFTokenizer
+    from serve.tokenizer import GGUFTokenizer
 
     tokenizer = GGUFTokenizer(llm)
-    prompt, chosen, rejected = encode_pair(tokenizer, PairText("What is 2 + 2?", "The answer is four.", "<|im_end|>"))
+    prompt, chosen, rejected = pair_ids(tokenizer, PairText("What is 2 + 2?", "The answer is four.", "<|im_end|>"))
     assert len(rejected) == 1
     score_ids(LlamaCppScorer(llm), prompt, chosen, rejected)
     _check_follow_up(llm, model, prompt + chosen[:-1] + tokenizer(" More", add_special_tokens=False)["input_ids"])
 
 
 def test_a_failed_decode_leaves_the_cache_as_llama_cpp_believes(llm, model):
-    from serve.scoring import GGUFTokenizer
+    from serve.tokenizer import GGUFTokenizer
 
     tokenizer = GGUFTokenizer(llm)
-    prompt, chosen, _ = encode_pair(tokenizer, PairText("What is 2 + 2?", "The answer is four.", "x"))
+    prompt, chosen, _ = pair_ids(tokenizer, PairText("What is 2 + 2?", "The answer is four.", "x"))
     with pytest.raises(RuntimeError):  # a token id outside the vocabulary: llama_decode fails mid-answer
         score_ids(LlamaCppScorer(llm), prompt, chosen, [5, 6, llm.n_vocab() + 7, 8, 9, 10, 11, 12, 13, 14])
     _check_follow_up(llm, model, prompt + chosen[:-1])
@@ -304,9 +340,24 @@ def test_tokens_longer_than_32_bytes_keep_their_text(long_token_model):
 
         text = "".join(json.loads(c[6:])["choices"][0]["delta"].get("content") or "" for c in chunks)
         assert text == LONG_TOKEN * 3
-    chat = subprocess.run([str(BIN / "orpo"), "chat", str(long_token_model), "--n-threads", "2", "--max-tokens", "2",
-                           "--temperature", "0"], input="Hi\n/exit\n", env=_env(), capture_output=True, text=True,
-                          timeout=120)
+    chat = subprocess.run(
+        [
+            str(BIN / "orpo"),
+            "chat",
+            str(long_token_model),
+            "--n-threads",
+            "2",
+            "--max-tokens",
+            "2",
+            "--temperature",
+            "0",
+        ],
+        input="Hi\n/exit\n",
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert chat.returncode == 0 and LONG_TOKEN * 2 in chat.stdout
 
 
@@ -323,16 +374,23 @@ BAD_GRAMMARS = {
 def test_a_bad_grammar_is_a_422_and_cannot_take_the_server_down(server):
     """Each of these ended the process with SIGSEGV when llama.cpp's parser ran in it."""
     _, url = server
-    for route, body in (("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]}),
-                        ("/v1/completions", {"prompt": "hi"})):
+    for route, body in (
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]}),
+        ("/v1/completions", {"prompt": "hi"}),
+    ):
         for grammar, why in BAD_GRAMMARS.items():
-            response = httpx.post(f"{url}{route}", headers=AUTH, timeout=120,
-                                  json={**body, "max_tokens": 2, "grammar": grammar})
+            response = httpx.post(
+                f"{url}{route}", headers=AUTH, timeout=120, json={**body, "max_tokens": 2, "grammar": grammar}
+            )
             assert response.status_code == 422, (route, grammar[:40], response.text)
             error = response.json()["error"]
             assert error["param"] == "grammar" and why in error["message"], (grammar[:40], error)
-        good = httpx.post(f"{url}{route}", headers=AUTH, timeout=120,
-                          json={**body, "max_tokens": 3, "grammar": 'root ::= "yes" | "no"'})
+        good = httpx.post(
+            f"{url}{route}",
+            headers=AUTH,
+            timeout=120,
+            json={**body, "max_tokens": 3, "grammar": 'root ::= "yes" | "no"'},
+        )
         assert good.status_code == 200, good.text
         choice = good.json()["choices"][0]
         assert (choice.get("message") or {}).get("content", choice.get("text")) in ("yes", "no")
@@ -343,11 +401,16 @@ def test_browsers_and_rebinding_are_kept_out_unless_allowed(model):
     page = {"Origin": "http://evil.example", **AUTH}
     with running(model["f16"], "--api-key", KEY, "--n-ctx", "512", env=_env()) as url:
         # no CORS at all by default: no page can read an answer, not even with credentials
-        chat = httpx.post(f"{url}/v1/chat/completions", headers=page, timeout=60,
-                          json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
+        chat = httpx.post(
+            f"{url}/v1/chat/completions",
+            headers=page,
+            timeout=60,
+            json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2},
+        )
         assert chat.status_code == 200 and "access-control-allow-origin" not in chat.headers
-        preflight = httpx.options(f"{url}/v1/score", headers={"Origin": "http://evil.example",
-                                                               "Access-Control-Request-Method": "POST"})
+        preflight = httpx.options(
+            f"{url}/v1/score", headers={"Origin": "http://evil.example", "Access-Control-Request-Method": "POST"}
+        )
         assert "access-control-allow-origin" not in preflight.headers
         # a page on another name that resolves to 127.0.0.1 (DNS rebinding)
         rebound = httpx.post(f"{url}/v1/score", json=PAIRS[0], headers={**AUTH, "Host": "evil.example:8000"})
@@ -355,13 +418,28 @@ def test_browsers_and_rebinding_are_kept_out_unless_allowed(model):
         for host in ("localhost", "127.0.0.1", "[::1]"):
             assert httpx.get(f"{url}/health", headers={"Host": f"{host}:1"}).status_code == 200, host
         # text/plain needs no preflight, so /v1/score takes JSON only
-        plain = httpx.post(f"{url}/v1/score", content=json.dumps(PAIRS[0]), timeout=60,
-                           headers={**AUTH, "Content-Type": "text/plain"})
+        plain = httpx.post(
+            f"{url}/v1/score", content=json.dumps(PAIRS[0]), timeout=60, headers={**AUTH, "Content-Type": "text/plain"}
+        )
         assert plain.status_code == 415
-    with running(model["f16"], "--api-key", KEY, "--n-ctx", "512", "--cors-origin", "http://app.example",
-                 "--allowed-host", "box.lan", env=_env()) as url:
-        allowed = httpx.post(f"{url}/v1/score", json=PAIRS[0], timeout=60,
-                             headers={**AUTH, "Origin": "http://app.example", "Host": "box.lan"})
+    with running(
+        model["f16"],
+        "--api-key",
+        KEY,
+        "--n-ctx",
+        "512",
+        "--cors-origin",
+        "http://app.example",
+        "--allowed-host",
+        "box.lan",
+        env=_env(),
+    ) as url:
+        allowed = httpx.post(
+            f"{url}/v1/score",
+            json=PAIRS[0],
+            timeout=60,
+            headers={**AUTH, "Origin": "http://app.example", "Host": "box.lan"},
+        )
         assert allowed.status_code == 200
         assert allowed.headers["access-control-allow-origin"] == "http://app.example"
         assert "access-control-allow-credentials" not in allowed.headers
@@ -372,10 +450,10 @@ def test_browsers_and_rebinding_are_kept_out_unless_allowed(model):
 def test_a_generation_from_exactly_the_scored_prompt_does_not_sample_from_a_score_s_logits(llm, model):
     """After a score whose last answer is one token, the cache holds exactly the prompt but the
     last logits are the other answer's: a chat on that prompt must decode again, not sample them."""
-    from serve.scoring import GGUFTokenizer
+    from serve.tokenizer import GGUFTokenizer
 
     tokenizer = GGUFTokenizer(llm)
-    prompt, chosen, rejected = encode_pair(tokenizer, PairText("What is 2 + 2?", "The answer is four.", "<|im_end|>"))
+    prompt, chosen, rejected = pair_ids(tokenizer, PairText("What is 2 + 2?", "The answer is four.", "<|im_end|>"))
     score_ids(LlamaCppScorer(llm), prompt, chosen, rejected)
     _check_follow_up(llm, model, prompt)
 
@@ -394,11 +472,19 @@ INVALID = [  # (route, body, status, param); each was a 500 from llama-cpp-pytho
     ("/v1/chat/completions", {"messages": [{"role": "robot", "content": "x"}]}, 422, "messages[0].role"),
     ("/v1/chat/completions", {"messages": []}, 422, "messages"),
     ("/v1/chat/completions", {"messages": [{"role": "user"}]}, 422, "messages[0].content"),
-    ("/v1/chat/completions", {"messages": [{"role": "user", "content": [
-        {"type": "image_url", "image_url": {"url": "http://x/cat.png"}}]}]}, 422, "messages[0].content[0]"),
+    (
+        "/v1/chat/completions",
+        {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://x/cat.png"}}]}]},
+        422,
+        "messages[0].content[0]",
+    ),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "many words " * 400}]}, 422, "messages"),
-    ("/v1/chat/completions", {**CHAT, "response_format": {"type": "json_schema", "json_schema": {
-        "schema": {"type": "no-such-type"}}}}, 422, "response_format.json_schema.schema"),
+    (
+        "/v1/chat/completions",
+        {**CHAT, "response_format": {"type": "json_schema", "json_schema": {"schema": {"type": "no-such-type"}}}},
+        422,
+        "response_format.json_schema.schema",
+    ),
     ("/v1/completions", {}, 422, "prompt"),
     ("/v1/completions", {"prompt": [10**9]}, 422, "prompt[0]"),
     ("/v1/completions", {"prompt": "x", "suffix": "y"}, 422, "suffix"),
@@ -423,7 +509,7 @@ def test_every_invalid_request_is_a_4xx_naming_the_field_without_paths(server, m
             assert response.status_code == status, (route, body, response.text)
             error = response.json()["error"]
             assert error["param"] == param and error["message"].startswith(param), (body, error)
-            assert str(model["hf"].parent) not in response.text and "File \"" not in response.text
+            assert str(model["hf"].parent) not in response.text and 'File "' not in response.text
         for route, raw, content_type, status in RAW:
             response = http.post(route, content=raw, headers={"Content-Type": content_type})
             assert response.status_code == status, (route, raw[:40], response.text)
@@ -439,31 +525,45 @@ VALID_SHAPES = [
     [{"role": "user", "content": [{"type": "text", "text": "What is"}, {"type": "text", "text": "2 + 3?"}]}],
     [{"role": "developer", "content": "Answer briefly."}, {"role": "user", "content": "hi"}],
     [{"role": "user", "content": "hi"}, {"role": "assistant"}, {"role": "user", "content": "again"}],
-    [{"role": "user", "content": "weather?"},
-     {"role": "assistant", "content": None, "tool_calls": [{"id": "c1", "type": "function", "function": {
-         "name": "weather", "arguments": "{}"}}]},
-     {"role": "tool", "tool_call_id": "c1", "content": "sunny"}],
+    [
+        {"role": "user", "content": "weather?"},
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "weather", "arguments": "{}"}}],
+        },
+        {"role": "tool", "tool_call_id": "c1", "content": "sunny"},
+    ],
 ]
 
 
 def test_the_openai_chat_shapes_clients_send_are_answered(server):
     _, url = server
     for shape in VALID_SHAPES:
-        response = httpx.post(f"{url}/v1/chat/completions", headers=AUTH, timeout=60,
-                              json={"messages": shape, "max_tokens": 3, "stream_options": {"include_usage": True}})
+        response = httpx.post(
+            f"{url}/v1/chat/completions",
+            headers=AUTH,
+            timeout=60,
+            json={"messages": shape, "max_tokens": 3, "stream_options": {"include_usage": True}},
+        )
         assert response.status_code == 200, (shape, response.text)
-    with httpx.stream("POST", f"{url}/v1/chat/completions", headers=AUTH, timeout=60, json={
-            "messages": VALID_SHAPES[0], "max_tokens": 4, "stream": True,
-            "stream_options": {"include_usage": True}}) as stream:
+    with httpx.stream(
+        "POST",
+        f"{url}/v1/chat/completions",
+        headers=AUTH,
+        timeout=60,
+        json={"messages": VALID_SHAPES[0], "max_tokens": 4, "stream": True, "stream_options": {"include_usage": True}},
+    ) as stream:
         events = [line[6:] for line in stream.iter_lines() if line.startswith("data: ")]
-    from serve.api import ChatCompletionChunk
+    from serve.serving.api import ChatCompletionChunk
 
     chunks = [ChatCompletionChunk.model_validate_json(e) for e in events[:-1]]
     assert events[-1] == "[DONE]" and chunks[0].choices[0].delta.role == "assistant"
     assert chunks[-2].choices[0].finish_reason in ("stop", "length") and chunks[-1].usage.completion_tokens >= 1
     schema = httpx.get(f"{url}/openapi.json", headers=AUTH).json()
     score = schema["paths"]["/v1/score"]["post"]
-    assert score["requestBody"]["content"]["application/json"]["schema"]["anyOf"]
+    body = score["requestBody"]["content"]["application/json"]["schema"]["oneOf"]  # one pair, or a batch
+    assert body == [{"$ref": "#/components/schemas/ScorePair"}, {"$ref": "#/components/schemas/ScoreBatch"}]
     assert {"ScorePair", "ScoreBatch", "PairScore", "ChatCompletionChunk"} <= set(schema["components"]["schemas"])
 
 
@@ -482,20 +582,32 @@ def _raw(url: str, head: bytes, body: bytes = b"", wait: float = 5.0) -> bytes:
 
 def test_bodies_are_bounded_in_size_and_time_and_come_after_the_key(model):
     with running(model["f16"], "--api-key", KEY, "--n-ctx", "256", "--read-timeout", "1", env=_env()) as url:
+
         def chunked():
             for _ in range(64):
                 yield b" " * 65536  # 4 MiB of JSON whitespace, chunked: no Content-Length to refuse up front
 
-        response = httpx.post(f"{url}/v1/chat/completions", content=chunked(), timeout=60,
-                              headers={**AUTH, "Content-Type": "application/json"})
+        response = httpx.post(
+            f"{url}/v1/chat/completions",
+            content=chunked(),
+            timeout=60,
+            headers={**AUTH, "Content-Type": "application/json"},
+        )
         assert response.status_code == 413 and response.headers["connection"] == "close"
-        head = (b"POST /v1/score HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
-                b"Transfer-Encoding: chunked\r\n")
+        head = (
+            b"POST /v1/score HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+            b"Transfer-Encoding: chunked\r\n"
+        )
         # no key: refused at once, the body never read
-        assert _raw(url, head + b"\r\n", b"10\r\n{\"prompt\": \"q\", ", wait=3).startswith(b"HTTP/1.1 401")
+        assert _raw(url, head + b"\r\n", b'10\r\n{"prompt": "q", ', wait=3).startswith(b"HTTP/1.1 401")
         # a body that stops arriving: 408 after --read-timeout, not a worker held forever
-        slow = _raw(url, head.replace(b"Transfer-Encoding: chunked", b"Content-Length: 100")
-                    + f"Authorization: Bearer {KEY}\r\n\r\n".encode(), b'{"prompt": ', wait=10)
+        slow = _raw(
+            url,
+            head.replace(b"Transfer-Encoding: chunked", b"Content-Length: 100")
+            + f"Authorization: Bearer {KEY}\r\n\r\n".encode(),
+            b'{"prompt": ',
+            wait=10,
+        )
         assert slow.startswith(b"HTTP/1.1 408") and b"connection: close" in slow.lower()
         assert _score(url, PAIRS[0]).status_code == 200
 
@@ -506,8 +618,9 @@ def endless_model(tmp_path_factory):
     stream loop sent nothing for such output and so never saw its client leave), 16k context,
     wide enough that a full answer takes several seconds."""
     root = tmp_path_factory.mktemp("endless")
-    hf = tiny.one_token_model(root / "hf", "\u00e2", hidden_size=512, intermediate_size=1024,
-                              max_position_embeddings=16384)  # byte-level BPE's symbol for byte 0xE2
+    hf = tiny.one_token_model(
+        root / "hf", "\u00e2", hidden_size=512, intermediate_size=1024, max_position_embeddings=16384
+    )  # byte-level BPE's symbol for byte 0xE2
     return convert(hf, root / "m.gguf", "f32")
 
 
@@ -544,8 +657,12 @@ def test_sigterm_stops_the_server_within_two_seconds_mid_generation(endless_mode
     import time
 
     port = free_port()
-    proc = subprocess.Popen([str(BIN / "orpo"), "serve", str(endless_model), "--port", str(port), "--n-ctx", "16384",
-                             "--n-threads", "2"], env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [str(BIN / "orpo"), "serve", str(endless_model), "--port", str(port), "--n-ctx", "16384", "--n-threads", "2"],
+        env=_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         url = f"http://127.0.0.1:{port}"
         deadline = time.time() + 120
@@ -558,10 +675,16 @@ def test_sigterm_stops_the_server_within_two_seconds_mid_generation(endless_mode
                 time.sleep(0.2)
 
         def reader():
-            body = {"messages": [{"role": "user", "content": "Hi"}], "temperature": 0, "max_tokens": 12000,
-                    "stream": True}
-            with contextlib.suppress(httpx.HTTPError), httpx.stream("POST", f"{url}/v1/chat/completions",
-                                                                    json=body, timeout=120) as s:
+            body = {
+                "messages": [{"role": "user", "content": "Hi"}],
+                "temperature": 0,
+                "max_tokens": 12000,
+                "stream": True,
+            }
+            with (
+                contextlib.suppress(httpx.HTTPError),
+                httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=120) as s,
+            ):
                 for _ in s.iter_lines():
                     pass
 

@@ -6,12 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import build_trainer, load_model, loss_metrics_grads, make_cfg, pair_dataset
+from helpers import METRICS, build_trainer, load_model, loss_metrics_grads, make_cfg, pair_dataset
 
 from orpo_plugin.trainer import OrpoSettings, OrpoTrainer
-
-METRICS = ["loss", "nll_loss", "log_odds_ratio", "log_odds_chosen", "logps/chosen", "logps/rejected",
-           "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies"]
 
 
 def _sharpen(model, factor: float = 25.0):
@@ -43,10 +40,12 @@ def _assert_rel(got, want, rel):
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
 @pytest.mark.parametrize("lora", [True, False], ids=["lora", "full"])
 def test_parity_with_axolotl_rl_orpo(arch, lora, model_dirs, tokenizer, tmp_path, fresh_plugins):
-    trl_trainer, (_, trl_logs, trl_grads) = _run("orpo", model_dirs[arch], tokenizer, tmp_path, lora,
-                                                 train_on_inputs=True)
-    our_trainer, (_, our_logs, our_grads) = _run("orpo_plugin", model_dirs[arch], tokenizer, tmp_path,
-                                                 lora, train_on_inputs=True)
+    trl_trainer, (_, trl_logs, trl_grads) = _run(
+        "orpo", model_dirs[arch], tokenizer, tmp_path, lora, train_on_inputs=True
+    )
+    our_trainer, (_, our_logs, our_grads) = _run(
+        "orpo_plugin", model_dirs[arch], tokenizer, tmp_path, lora, train_on_inputs=True
+    )
     assert type(trl_trainer).__name__ == "AxolotlORPOTrainer"
     assert isinstance(our_trainer, OrpoTrainer) and our_trainer.orpo.train_on_inputs
     for key in METRICS:
@@ -68,7 +67,7 @@ def _reference_loss(model, tokenizer, dataset, alpha):
             answer = tokenizer(row[side], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
             ids = torch.tensor([prompt + answer])
             logp = F.log_softmax(model(input_ids=ids).logits[0, :-1].float(), -1)
-            token_logp = logp[torch.arange(len(prompt) - 1, ids.shape[1] - 1), ids[0, len(prompt):]]
+            token_logp = logp[torch.arange(len(prompt) - 1, ids.shape[1] - 1), ids[0, len(prompt) :]]
             avgs.append(token_logp.double().mean())
             if side == "chosen":
                 nll_sum = nll_sum - token_logp.double().sum()
@@ -80,10 +79,16 @@ def _reference_loss(model, tokenizer, dataset, alpha):
 
 
 @pytest.mark.parametrize("method", ["fused", "chunked"])
-def test_response_only_nll_equals_independent_reference(method, model_dirs, tokenizer, tmp_path,
-                                                        fresh_plugins):
-    cfg = make_cfg(model_dirs["llama-tied"], tmp_path, train_on_inputs=False, orpo_alpha=0.5, micro_batch_size=8,
-                   orpo_logprob_method=method, orpo_chunk_tokens=7)
+def test_response_only_nll_equals_independent_reference(method, model_dirs, tokenizer, tmp_path, fresh_plugins):
+    cfg = make_cfg(
+        model_dirs["llama-tied"],
+        tmp_path,
+        train_on_inputs=False,
+        orpo_alpha=0.5,
+        micro_batch_size=8,
+        orpo_logprob_method=method,
+        orpo_chunk_tokens=7,
+    )
     model = _sharpen(load_model(model_dirs["llama-tied"], lora=True), 10)
     dataset = pair_dataset(tokenizer)
     trainer = build_trainer(cfg, model, tokenizer, dataset)
@@ -107,9 +112,11 @@ def test_gradient_accumulation_4x1_equals_1x4(model_dirs, tokenizer, tmp_path, f
         from axolotl.integrations.base import PluginManager
 
         PluginManager._instance = None
+        # fmt: off
         cfg = make_cfg(model_dirs["llama"], tmp_path / f"{micro}x{accum}", micro_batch_size=micro,
                        gradient_accumulation_steps=accum, optimizer="sgd", learning_rate=1.0,
                        max_grad_norm=0.0, train_on_inputs=False)
+        # fmt: on
         model = load_model(model_dirs["llama"], lora=True)
         before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
         trainer = build_trainer(cfg, model, tokenizer, pair_dataset(tokenizer, n=4))
@@ -132,8 +139,10 @@ def test_gradient_checkpointing_gives_the_same_step(lora, model_dirs, tokenizer,
     deltas = []
     for checkpointing in (False, True):
         PluginManager._instance = None
+        # fmt: off
         cfg = make_cfg(model_dirs["mistral"], tmp_path / str(checkpointing), optimizer="sgd",
                        learning_rate=1.0, max_grad_norm=0.0, gradient_checkpointing=checkpointing)
+        # fmt: on
         model = load_model(model_dirs["mistral"], lora=lora)
         before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
         trainer = build_trainer(cfg, model, tokenizer, pair_dataset(tokenizer, n=4))
@@ -167,7 +176,7 @@ def test_architectures_whose_last_hidden_state_is_not_the_head_input_are_refused
             out = self.inner(**kwargs)
             return SimpleNamespace(logits=out.logits, hidden_states=out.hidden_states[:-2] + (out.hidden_states[-2],))
 
-    with pytest.raises(RuntimeError, match="Qwen2ForCausalLM|PreNormOutput|LM head"):
+    with pytest.raises(RuntimeError, match=r"Qwen2ForCausalLM|PreNormOutput|LM head"):
         check_final_hidden_state(PreNormOutput(real), ids)
 
 
@@ -183,10 +192,12 @@ SHARING_CASES = [
 ]
 
 
-@pytest.mark.parametrize("arch,lora,packing,checkpointing,on_inputs", SHARING_CASES,
-                         ids=["-".join(map(str, c)) for c in SHARING_CASES])
-def test_prefix_sharing_equals_the_unshared_computation(arch, lora, packing, checkpointing, on_inputs,
-                                                         model_dirs, tokenizer, tmp_path, fresh_plugins):
+@pytest.mark.parametrize(
+    "arch,lora,packing,checkpointing,on_inputs", SHARING_CASES, ids=["-".join(map(str, c)) for c in SHARING_CASES]
+)
+def test_prefix_sharing_equals_the_unshared_computation(
+    arch, lora, packing, checkpointing, on_inputs, model_dirs, tokenizer, tmp_path, fresh_plugins
+):
     from axolotl.integrations.base import PluginManager
 
     from orpo_plugin.collate import PairCollator, SharedPairCollator
@@ -194,8 +205,15 @@ def test_prefix_sharing_equals_the_unshared_computation(arch, lora, packing, che
     results = []
     for sharing in (False, True):
         PluginManager._instance = None
-        cfg = make_cfg(model_dirs[arch], tmp_path / str(sharing), orpo_prefix_sharing=sharing, orpo_packing=packing,
-                       micro_batch_size=8, train_on_inputs=on_inputs, sequence_len=64)
+        cfg = make_cfg(
+            model_dirs[arch],
+            tmp_path / str(sharing),
+            orpo_prefix_sharing=sharing,
+            orpo_packing=packing,
+            micro_batch_size=8,
+            train_on_inputs=on_inputs,
+            sequence_len=64,
+        )
         model = _sharpen(load_model(model_dirs[arch], lora=lora))
         if checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -206,9 +224,9 @@ def test_prefix_sharing_equals_the_unshared_computation(arch, lora, packing, che
         if not sharing:
             assert rows == 16  # chosen and rejected rows
         elif not packing:
-            assert rows == 8   # one row per pair
+            assert rows == 8  # one row per pair
         else:
-            assert rows < 8    # several pairs per row
+            assert rows < 8  # several pairs per row
         results.append(loss_metrics_grads(trainer, model))
     (l0, m0, g0), (l1, m1, g1) = results
     assert l1 == pytest.approx(l0, rel=1e-5)
@@ -219,8 +237,9 @@ def test_prefix_sharing_equals_the_unshared_computation(arch, lora, packing, che
         _assert_rel(g1[name], g0[name], 1e-5)
 
 
-def test_backends_without_custom_masks_fall_back_to_unshared_with_a_warning(model_dirs, tokenizer, tmp_path,
-                                                                           fresh_plugins, caplog):
+def test_backends_without_custom_masks_fall_back_to_unshared_with_a_warning(
+    model_dirs, tokenizer, tmp_path, fresh_plugins, caplog
+):
     from orpo_plugin.collate import PairCollator
     from orpo_plugin.trainer import use_prefix_sharing
 
@@ -231,7 +250,9 @@ def test_backends_without_custom_masks_fall_back_to_unshared_with_a_warning(mode
     assert not use_prefix_sharing(OrpoSettings(prefix_sharing=True), model)
     assert "flash_attention_2" in caplog.text and "separate rows" in caplog.text
     model.config._attn_implementation = "sdpa"
-    assert use_prefix_sharing(OrpoSettings(), model) and not use_prefix_sharing(OrpoSettings(prefix_sharing=False), model)
+    assert use_prefix_sharing(OrpoSettings(), model) and not use_prefix_sharing(
+        OrpoSettings(prefix_sharing=False), model
+    )
     cfg = make_cfg(model_dirs["llama"], tmp_path, orpo_prefix_sharing=False)
     assert type(build_trainer(cfg, model, tokenizer, pair_dataset(tokenizer)).data_collator) is PairCollator
 
@@ -240,7 +261,8 @@ def test_log_history_holds_each_entry_once(model_dirs, tokenizer, tmp_path, fres
     """configure() runs again from the plugin's post_trainer_create; the writer is added once."""
     import json
 
-    from orpo_plugin.trainer import LOG_HISTORY, LogHistoryWriter
+    from orpo_plugin.core.files import LOG_HISTORY
+    from orpo_plugin.trainer import LogHistoryWriter
 
     cfg = make_cfg(model_dirs["llama"], tmp_path, max_steps=3)
     trainer = build_trainer(cfg, load_model(model_dirs["llama"], lora=True), tokenizer, pair_dataset(tokenizer))
@@ -261,7 +283,8 @@ def _mixed_dtype(model):
 
 @pytest.mark.parametrize("backend", ["sdpa", "eager"])
 def test_prefix_sharing_on_a_model_whose_first_parameter_is_not_the_attention_dtype(
-        backend, model_dirs, tokenizer, tmp_path, fresh_plugins):
+    backend, model_dirs, tokenizer, tmp_path, fresh_plugins
+):
     from axolotl.integrations.base import PluginManager
 
     seen = []
@@ -275,7 +298,8 @@ def test_prefix_sharing_on_a_model_whose_first_parameter_is_not_the_attention_dt
         attention = model.model.layers[0].self_attn
         attention.register_forward_pre_hook(
             lambda module, args, kwargs: seen.append((kwargs["hidden_states"].dtype, kwargs["attention_mask"])),
-            with_kwargs=True)
+            with_kwargs=True,
+        )
         trainer = build_trainer(cfg, model, tokenizer, pair_dataset(tokenizer))
         results.append(loss_metrics_grads(trainer, model))
     hidden_dtype, mask = seen[-1]

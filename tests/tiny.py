@@ -7,12 +7,31 @@ import json
 import random
 from pathlib import Path
 
-from orpo_demo.build import (CHATML_TEMPLATE, DEMO_MODEL, SPECIAL_TOKENS, _corpus, build_default,  # noqa: F401
-                             build_tokenizer, conversion_pairs, write_jsonl)
+from orpo_demo.build import (  # noqa: F401
+    CHATML_TEMPLATE,
+    DEMO_MODEL,
+    SPECIAL_TOKENS,
+    _corpus,
+    build_default,
+    build_tokenizer,
+    conversion_pairs,
+    write_jsonl,
+)
 from orpo_demo.build import build_model as build_spec
 
+# Llama 3.1's RoPE scaling (its config.json as transformers 5 saves it), over an original context of
+# 256 so that the fixtures' long sequences reach far past it.
+LLAMA3_ROPE = {
+    "rope_type": "llama3",
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 256,
+    "rope_theta": 500000.0,
+}
 # Widths are multiples of 32 so that GGUF block quantization applies (see serve/).
 _SMALL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4)
+# fmt: off
 ARCHITECTURES = {
     "llama": dict(_SMALL, cls="LlamaForCausalLM", num_key_value_heads=2, tie_word_embeddings=False),
     "llama-tied": dict(_SMALL, cls="LlamaForCausalLM", num_key_value_heads=2, tie_word_embeddings=True),
@@ -28,6 +47,7 @@ ARCHITECTURES = {
                    sliding_window=16, tie_word_embeddings=True),
     "demo": DEMO_MODEL,
 }
+# fmt: on
 
 
 MISTRAL_TEMPLATE = (
@@ -46,24 +66,30 @@ def build_spm_tokenizer(out_dir: str | Path | None, vocab_size: int = 600, seed:
 
     specials = ["<unk>", "<s>", "</s>"]
     byte_tokens = [f"<0x{b:02X}>" for b in range(256)]
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size - len(byte_tokens), special_tokens=specials,
-                                  limit_alphabet=80, show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size - len(byte_tokens), special_tokens=specials, limit_alphabet=80, show_progress=False
+    )
     draft = Tokenizer(models.BPE(unk_token="<unk>"))
     draft.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always", split=True)
     draft.train_from_iterator([line for line in _corpus(3000, seed) if "<|" not in line], trainer=trainer)
     learned = json.loads(draft.to_str())["model"]
     # Ids as in Llama-2: specials, then the 256 byte tokens, then the learned pieces.
-    order = specials + byte_tokens + [t for t, _ in sorted(learned["vocab"].items(), key=lambda kv: kv[1])
-                                      if t not in specials]
+    order = (
+        specials
+        + byte_tokens
+        + [t for t, _ in sorted(learned["vocab"].items(), key=lambda kv: kv[1]) if t not in specials]
+    )
     vocab = {token: i for i, token in enumerate(order)}
     merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in learned["merges"]]
     tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>", byte_fallback=True, fuse_unk=True))
     tok.add_special_tokens(specials)
     tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
-    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
-                                     decoders.Strip(" ", 1, 0)])
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
-                                                       special_tokens=[("<s>", vocab["<s>"])])
+    tok.decoder = decoders.Sequence(
+        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+    )
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", vocab["<s>"])]
+    )
     hf = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
     hf.chat_template = MISTRAL_TEMPLATE
     hf.model_max_length = 2048

@@ -7,7 +7,8 @@
 - odds, logprobs: ORPO's odds-ratio math and the log-prob of a target token, for numpy arrays
   and torch tensors alike;
 - hookspecs, registry: the pluggy extension points;
-- atomic: the one way anything is written.
+- atomic: the one way anything is written;
+- files: the names of files one side writes and another reads.
 
 The core imports neither Axolotl nor llama.cpp nor gguf, nor either side of the project; torch
 only inside functions handed torch tensors.

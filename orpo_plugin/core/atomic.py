@@ -74,7 +74,7 @@ def remove_stale(directory: str | Path, names) -> list[Path]:
     removed = []
     for path in Path(directory).glob(f"*{SUFFIX}"):
         for name in names:
-            pid = path.name[len(name) + 1:].split(".", 1)[0] if path.name.startswith(f"{name}.") else ""
+            pid = path.name[len(name) + 1 :].split(".", 1)[0] if path.name.startswith(f"{name}.") else ""
             if pid.isdigit() and int(pid) != os.getpid() and not _running(int(pid)):
                 _remove(path)
                 removed.append(path)

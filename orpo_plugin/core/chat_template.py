@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from datetime import datetime
 from functools import lru_cache
+from typing import ClassVar
 
 import jinja2
 from jinja2.ext import Extension, loopcontrols
@@ -18,7 +19,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 class _Generation(Extension):
     """`{% generation %}...{% endgeneration %}` marks assistant text for masks; it renders as its body."""
 
-    tags = {"generation"}
+    tags: ClassVar[set[str]] = {"generation"}
 
     def parse(self, parser):
         lineno = next(parser.stream).lineno
@@ -50,5 +51,6 @@ def compile_template(template: str) -> jinja2.Template:
 def render(template: str, messages: list[dict], add_generation_prompt: bool = False, **special_tokens) -> str:
     """The template applied to messages; special_tokens are bos_token, eos_token, ... as the
     tokenizer defines them. Raises jinja2.TemplateError where the template does."""
-    return compile_template(template).render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                             **special_tokens)
+    return compile_template(template).render(
+        messages=messages, add_generation_prompt=add_generation_prompt, **special_tokens
+    )

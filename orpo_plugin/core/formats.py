@@ -97,8 +97,9 @@ def messages(value: Any, field: str) -> list[dict]:
         if not isinstance(message, Mapping) or "role" not in message or "content" not in message:
             raise BadRow(where, "bad_message", "expected a message with 'role' and 'content'")
         if message["role"] not in ROLES:
-            raise BadRow(f"{where}.role", "unknown_role",
-                         f"unknown role {message['role']!r} (allowed: {', '.join(ROLES)})")
+            raise BadRow(
+                f"{where}.role", "unknown_role", f"unknown role {message['role']!r} (allowed: {', '.join(ROLES)})"
+            )
         try:
             content = text(message, "content")
         except BadRow as err:
@@ -113,8 +114,9 @@ def check_prompt_order(prompt: list[dict], field: str) -> list[dict]:
     for i, message in enumerate(turns):
         expected = "user" if i % 2 == 0 else "assistant"
         if message["role"] != expected:
-            raise BadRow(field, "role_order",
-                         f"roles out of order: turn {i} is {message['role']!r}, expected {expected!r}")
+            raise BadRow(
+                field, "role_order", f"roles out of order: turn {i} is {message['role']!r}, expected {expected!r}"
+            )
     if not turns or turns[-1]["role"] != "user":
         raise BadRow(field, "role_order", "the prompt must end with a user turn")
     return prompt
@@ -182,18 +184,24 @@ def _question_pair(row: Mapping) -> Pair:
 
 BUILTIN_FORMATS = (
     PreferenceFormat(
-        "prompt", "prompt (text or messages), chosen, rejected (text or assistant message), optional system",
+        "prompt",
+        "prompt (text or messages), chosen, rejected (text or assistant message), optional system",
         lambda row: {"prompt", "chosen", "rejected"} <= row.keys(),
         _prompt_pair,
     ),
     PreferenceFormat(
-        "conversation", "chosen, rejected: full conversations that share all but the last turn",
-        lambda row: {"chosen", "rejected"} <= row.keys() and not {"prompt", "question"} & row.keys()
-        and isinstance(row["chosen"], list),
+        "conversation",
+        "chosen, rejected: full conversations that share all but the last turn",
+        lambda row: (
+            {"chosen", "rejected"} <= row.keys()
+            and not {"prompt", "question"} & row.keys()
+            and isinstance(row["chosen"], list)
+        ),
         _conversation_pair,
     ),
     PreferenceFormat(
-        "question", "system (optional), question, chosen, rejected",
+        "question",
+        "system (optional), question, chosen, rejected",
         lambda row: {"question", "chosen", "rejected"} <= row.keys(),
         _question_pair,
     ),

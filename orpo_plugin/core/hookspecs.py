@@ -28,5 +28,6 @@ def register_losses(register):
 
 @hookspec
 def register_architectures(register):
-    """Register model architectures for GGUF export: call register(serve.architectures.Architecture(...))
-    for each, keyed by the class name in config.json's "architectures"."""
+    """Register model architectures for GGUF export: call register(architecture) for each, keyed by
+    the class name in config.json's "architectures". The exporting side defines what an
+    architecture holds and imports its type; the core only carries the registrations."""

@@ -76,8 +76,9 @@ def pair_sums(chosen_avg, rejected_avg, z):
     return xp.stack([xp.sum(a), xp.sum(b), xp.sum(wins), -xp.sum(odds_ratio_loss(z)), xp.sum(z)])
 
 
-def metrics_from_sums(sums: dict[str, float], n_pairs: float, nll_sum: float, nll_tokens: float,
-                      alpha: float, prefix: str = "") -> dict[str, float]:
+def metrics_from_sums(
+    sums: dict[str, float], n_pairs: float, nll_sum: float, nll_tokens: float, alpha: float, prefix: str = ""
+) -> dict[str, float]:
     """TRL's metric names, so dashboards built for `rl: orpo` keep working."""
     n = max(n_pairs, 1.0)
     mean = {k: v / n for k, v in sums.items()}

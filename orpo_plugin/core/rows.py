@@ -108,8 +108,10 @@ def apply_field_map(row: dict, field_map: dict) -> dict:
     return row
 
 
-FIELD_MAP_HINT = ("map other column names in the dataset entry (field_prompt, field_chosen, field_rejected, "
-                  "field_system), e.g. field_prompt: question")
+FIELD_MAP_HINT = (
+    "map other column names in the dataset entry (field_prompt, field_chosen, field_rejected, "
+    "field_system), e.g. field_prompt: question"
+)
 
 
 def detect_format(row: dict, formats: dict[str, PreferenceFormat]) -> PreferenceFormat:
@@ -120,17 +122,29 @@ def detect_format(row: dict, formats: dict[str, PreferenceFormat]) -> Preference
     shapes = "".join(f"\n  - {f.name}: {f.shape}" for f in formats.values())
     found = ", ".join(sorted(row)) or "(none)"
     if matches:
-        raise BadRow("(columns)", "ambiguous_format",
-                     f"the row fits several formats ({', '.join(f.name for f in matches)}); columns found: "
-                     f"{found}. Rename or {FIELD_MAP_HINT}, so that one shape applies:{shapes}\n")
-    raise BadRow("(columns)", "unknown_format",
-                 f"cannot tell the preference format; columns found: {found}. Accepted shapes:{shapes}\n"
-                 f"To use other column names, {FIELD_MAP_HINT}")
+        raise BadRow(
+            "(columns)",
+            "ambiguous_format",
+            f"the row fits several formats ({', '.join(f.name for f in matches)}); columns found: "
+            f"{found}. Rename or {FIELD_MAP_HINT}, so that one shape applies:{shapes}\n",
+        )
+    raise BadRow(
+        "(columns)",
+        "unknown_format",
+        f"cannot tell the preference format; columns found: {found}. Accepted shapes:{shapes}\n"
+        f"To use other column names, {FIELD_MAP_HINT}",
+    )
 
 
-def normalize_rows(rows: Iterable[tuple[str, dict | BadRow]], formats: dict[str, PreferenceFormat],
-                   field_map: dict, source: str, on_bad_row: str, report: DatasetReport,
-                   skip_hint: str = "set `orpo_on_bad_row: skip`") -> list[Pair]:
+def normalize_rows(
+    rows: Iterable[tuple[str, dict | BadRow]],
+    formats: dict[str, PreferenceFormat],
+    field_map: dict,
+    source: str,
+    on_bad_row: str,
+    report: DatasetReport,
+    skip_hint: str = "set `orpo_on_bad_row: skip`",
+) -> list[Pair]:
     """Pairs from rows. The format is detected on the first row that has one, so a bad row,
     first or not, is one bad row: an error naming it, or (skip) counted in the report."""
     pairs, fmt = [], None
@@ -148,17 +162,20 @@ def normalize_rows(rows: Iterable[tuple[str, dict | BadRow]], formats: dict[str,
             if on_bad_row != "skip":
                 raise OrpoDataError(
                     f"{source} {where}: {bad}. Fix the row, or {skip_hint} to drop such rows (they are "
-                    f"counted and reported).") from None
+                    f"counted and reported)."
+                ) from None
             report.skipped[bad.reason] += 1
     return pairs
 
 
-def load_pairs(path: str | Path, on_bad_row: str = "error", limit: int | None = None,
-               skip_hint: str = "pass --on-bad-row skip") -> list[Pair]:
+def load_pairs(
+    path: str | Path, on_bad_row: str = "error", limit: int | None = None, skip_hint: str = "pass --on-bad-row skip"
+) -> list[Pair]:
     """Every pair of a local preference file, in any registered format."""
     source = str(path)
-    pairs = normalize_rows(read_local_rows(path), get_formats(), {}, source, on_bad_row, DatasetReport(source),
-                           skip_hint=skip_hint)
+    pairs = normalize_rows(
+        read_local_rows(path), get_formats(), {}, source, on_bad_row, DatasetReport(source), skip_hint=skip_hint
+    )
     if not pairs:
         raise OrpoDataError(f"{source}: no usable pairs")
     return pairs[:limit]

@@ -4,8 +4,8 @@ serving all use, so a served score is computed on the ids the model was trained 
 The prompt is rendered with the chat template and the generation prompt; prompt and each answer
 are tokenized separately, so the answer ids are exactly the answer (no BPE merge across the
 boundary can move a token from one side to the other), and each answer ends with EOS once.
-A tokenizer here is an HF tokenizer or anything with its small surface (serve.scoring's
-GGUFTokenizer): __call__, apply_chat_template, eos/bos tokens and ids.
+A tokenizer here is an HF tokenizer or anything with its small surface (a GGUF's own tokenizer
+behind llama.cpp, for one): __call__, apply_chat_template, eos/bos tokens and ids.
 """
 
 from __future__ import annotations
@@ -58,14 +58,18 @@ def render_prompt(tokenizer, template: str | None, messages: list[dict]) -> str:
 
     template = template or tokenizer.chat_template
     if not template:
-        raise OrpoDataError("the tokenizer has no chat template; set `chat_template:` (e.g. chatml, llama3) or "
-                            "`chat_template_jinja:` in the config, or score raw text")
+        raise OrpoDataError(
+            "the tokenizer has no chat template; set `chat_template:` (e.g. chatml, llama3) or "
+            "`chat_template_jinja:` in the config, or score raw text"
+        )
     try:
-        return tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False,
-                                             add_generation_prompt=True)
+        return tokenizer.apply_chat_template(
+            messages, chat_template=template, tokenize=False, add_generation_prompt=True
+        )
     except TemplateError as err:
-        raise OrpoDataError(f"the chat template cannot render these messages ({err}); check that the "
-                            f"chat template suits this tokenizer") from None
+        raise OrpoDataError(
+            f"the chat template cannot render these messages ({err}); check that the chat template suits this tokenizer"
+        ) from None
 
 
 def fit_pair(prompt: list[int], chosen: list[int], rejected: list[int], max_length: int | None, bos=None):
@@ -81,7 +85,7 @@ def fit_pair(prompt: list[int], chosen: list[int], rejected: list[int], max_leng
         keep = max_length // 2
         if len(prompt) > keep:
             head = prompt[:1] if bos is not None and prompt[:1] == [bos] else []
-            prompt = head + prompt[len(prompt) - (keep - len(head)):]
+            prompt = head + prompt[len(prompt) - (keep - len(head)) :]
         budget = max_length - len(prompt)
         chosen, rejected = chosen[:budget], rejected[:budget]
     return {"prompt_input_ids": prompt, "chosen_input_ids": chosen, "rejected_input_ids": rejected}, note
@@ -104,10 +108,17 @@ def encode_pairs(batch: dict, tokenizer, max_length: int | None, template: str |
     return out
 
 
-def tokenize_pair(tokenizer, prompt: str | list[dict], chosen: str, rejected: str, max_length: int | None = None,
-                  template: str | None = None):
+def tokenize_pair(
+    tokenizer,
+    prompt: str | list[dict],
+    chosen: str,
+    rejected: str,
+    max_length: int | None = None,
+    template: str | None = None,
+):
     """One pair: (ids dict or None, note)."""
-    out = encode_pairs({"prompt": [prompt], "chosen": [chosen], "rejected": [rejected]}, tokenizer, max_length,
-                       template)
+    out = encode_pairs(
+        {"prompt": [prompt], "chosen": [chosen], "rejected": [rejected]}, tokenizer, max_length, template
+    )
     note = out[NOTE][0]
     return (None if note not in ("", TRUNCATED) else {c: out[c][0] for c in PAIR_COLUMNS}), note

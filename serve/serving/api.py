@@ -4,13 +4,18 @@ clients and fuzzers see every route as it is.
 
 Requests ignore fields they do not know (OpenAI SDKs send new ones every release) but check
 every field they use: a value out of range is a 422 naming the field, never a failure later.
+/v1/score's bodies are strict (an unknown field is a 422) and checked by the core's checks of
+dataset rows, so a pair the server scores is a pair training would have read.
 """
 
 from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, StrictBool, StrictStr, Tag, model_validator
+from pydantic_core import PydanticCustomError
+
+from orpo_plugin.core.formats import BadRow, check_prompt_order, messages, text
 
 # Bounds of the sampling settings, as OpenAI documents them where it has them.
 Temperature = Annotated[float, Field(ge=0, le=2)]
@@ -74,9 +79,11 @@ class _Sampling(_Request):
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
     grammar: Annotated[StrictStr, Field(min_length=1)] | None = Field(
-        None, description="a GBNF grammar the answer must follow (llama.cpp's format)")
+        None, description="a GBNF grammar the answer must follow (llama.cpp's format)"
+    )
     logit_bias: dict[StrictStr, Annotated[float, Field(ge=-100, le=100)]] | None = Field(
-        None, description="token id (as a string) -> bias added to its logit")
+        None, description="token id (as a string) -> bias added to its logit"
+    )
     n: Annotated[int, Field(ge=1, le=1, description="only 1")] = 1
     user: StrictStr | None = None
 
@@ -93,8 +100,11 @@ class ChatRequest(_Sampling):
 
 
 class CompletionRequest(_Sampling):
-    prompt: StrictStr | Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)] \
+    prompt: (
+        StrictStr
+        | Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
         | Annotated[list[StrictStr], Field(min_length=1, max_length=1)]
+    )
     max_tokens: MaxTokens = 16
     echo: StrictBool = False
     suffix: StrictStr | None = Field(None, description="not supported")
@@ -193,9 +203,16 @@ class ScoreMessage(BaseModel):
     content: str
 
 
+CORE_CHECK = "core_check"  # the error type of core's checks; ctx["field"] names the field inside the model
+
+
+def invalid(field: str, detail: str) -> PydanticCustomError:
+    return PydanticCustomError(CORE_CHECK, "{detail}", {"field": field, "detail": detail})
+
+
 class ScorePair(BaseModel):
     """One preference pair. prompt: one user turn, or a conversation (ending with a user turn),
-    or raw text with template false."""
+    or raw text with template false. Checked as training checks dataset rows (core.formats)."""
 
     model_config = ConfigDict(extra="forbid")
     prompt: Annotated[str, Field(min_length=1)] | Annotated[list[ScoreMessage], Field(min_length=1)]
@@ -203,10 +220,58 @@ class ScorePair(BaseModel):
     rejected: Annotated[str, Field(min_length=1)]
     template: bool = True
 
+    @model_validator(mode="before")
+    @classmethod
+    def _as_training_checks_rows(cls, item):
+        if not isinstance(item, dict):
+            raise invalid("", "expected a JSON object with prompt, chosen, rejected")
+        unknown = sorted(set(item) - set(cls.model_fields))
+        if unknown:
+            raise invalid(unknown[0], f"unknown field; a pair has {', '.join(sorted(cls.model_fields))}")
+        template = item.get("template", True)
+        if not isinstance(template, bool):
+            raise invalid("template", "expected true or false")
+        try:
+            if isinstance(item.get("prompt"), list):
+                if not template:
+                    raise BadRow("prompt", "not_string", 'raw scoring ("template": false) needs the prompt as a string')
+                prompt = check_prompt_order(messages(item["prompt"], "prompt"), "prompt")
+            else:
+                prompt = text(item, "prompt")
+            return {
+                "prompt": prompt,
+                "chosen": text(item, "chosen"),
+                "rejected": text(item, "rejected"),
+                "template": template,
+            }
+        except BadRow as bad:
+            raise invalid(bad.field, bad.detail) from None
+
 
 class ScoreBatch(BaseModel):
+    """Several pairs, scored in one request (at most `orpo serve --max-pairs`)."""
+
     model_config = ConfigDict(extra="forbid")
     pairs: Annotated[list[ScorePair], Field(min_length=1)]
+
+    @model_validator(mode="before")
+    @classmethod
+    def _only_pairs(cls, body):
+        if set(body) != {"pairs"}:
+            raise invalid("", "a batch body has only 'pairs'; put prompt/chosen/rejected in each pair")
+        if not isinstance(body["pairs"], list) or not body["pairs"]:
+            raise invalid("pairs", "expected a non-empty list of pairs")
+        return body
+
+
+def _score_body_kind(body) -> str:
+    return "ScoreBatch" if isinstance(body, dict) and "pairs" in body else "ScorePair"
+
+
+# A /v1/score body: {"pairs": [...]} is a batch, anything else one pair.
+ScoreBody = Annotated[
+    Annotated[ScorePair, Tag("ScorePair")] | Annotated[ScoreBatch, Tag("ScoreBatch")], Discriminator(_score_body_kind)
+]
 
 
 class AnswerScore(BaseModel):

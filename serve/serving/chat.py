@@ -4,16 +4,25 @@ from __future__ import annotations
 
 import sys
 
-HELP = "commands: /reset (forget the conversation), /system TEXT (set the system prompt), /exit; " \
-       "Ctrl-C stops a reply, Ctrl-D exits"
+HELP = (
+    "commands: /reset (forget the conversation), /system TEXT (set the system prompt), /exit; "
+    "Ctrl-C stops a reply, Ctrl-D exits"
+)
 
 
-def chat(model_path: str, n_ctx: int = 4096, threads: int | None = None, max_tokens: int = 512,
-         temperature: float = 0.7, system: str | None = None, out=sys.stdout) -> None:
+def chat(
+    model_path: str,
+    n_ctx: int = 4096,
+    threads: int | None = None,
+    max_tokens: int = 512,
+    temperature: float = 0.7,
+    system: str | None = None,
+    out=sys.stdout,
+) -> None:
     from orpo_plugin.core.tokenize import encode_prompts
-    from serve.generate import Sampling, generate
     from serve.llama import KVCache, open_gguf
-    from serve.scoring import GGUFTokenizer
+    from serve.serving.generate import Sampling, generate
+    from serve.tokenizer import GGUFTokenizer
 
     llm = open_gguf(model_path, n_ctx, threads)
     tokenizer = GGUFTokenizer(llm)
@@ -49,7 +58,7 @@ def chat(model_path: str, n_ctx: int = 4096, threads: int | None = None, max_tok
             reply = []
             try:
                 rendered = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-            except Exception as err:  # noqa: BLE001 - the template's own raise_exception, or its code failing
+            except Exception as err:
                 history.pop()
                 print(f"(the model's chat template cannot render this conversation: {err})", file=out, flush=True)
                 continue
@@ -57,8 +66,12 @@ def chat(model_path: str, n_ctx: int = 4096, threads: int | None = None, max_tok
             room = llm.n_ctx() - len(prompt)
             if room < 1:
                 history.pop()
-                print(f"(the conversation is {len(prompt)} tokens, over the context of {llm.n_ctx()}: /reset, or "
-                      f"restart with a larger --n-ctx)", file=out, flush=True)
+                print(
+                    f"(the conversation is {len(prompt)} tokens, over the context of {llm.n_ctx()}: /reset, or "
+                    f"restart with a larger --n-ctx)",
+                    file=out,
+                    flush=True,
+                )
                 continue
             try:
                 for piece in generate(llm, prompt, min(max_tokens, room), sampling=Sampling(temperature=temperature)):

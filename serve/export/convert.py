@@ -1,6 +1,6 @@
 """HF checkpoint (safetensors + tokenizer.json) -> GGUF, built on the `gguf` package.
 
-Tensors stream from a checkpoint (serve.checkpoint, or serve.merge's merged view of one) into the
+Tensors stream from a checkpoint (serve.export.checkpoint, or serve.export.merge's merged view of one) into the
 writer in slices of about 2M values; the file is written under a temporary name and renamed at the
 end, so a killed run leaves nothing under the final name.
 """
@@ -18,8 +18,8 @@ from tqdm import tqdm
 
 from orpo_plugin.core.atomic import atomic_path
 from orpo_plugin.core.tokenize import special_prefix
-from serve.architectures import UnsupportedConfig, get_architectures
-from serve.rope import RopeError, write_rope
+from serve.export.architectures import UnsupportedConfig, get_architectures
+from serve.export.rope import RopeError, write_rope
 
 # Output types written directly (K-quants come from llama.cpp's quantizer on top of these).
 OUT_TYPES = {
@@ -35,14 +35,17 @@ GPT2_PATTERN = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s
 DIGITS = r"\p{N}"  # tokenizers' Digits(individual_digits=True): every digit a piece of its own
 PRE_TOKENIZERS = {
     (GPT2_PATTERN,): "gpt-2",
-    (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",):
-        "llama-bpe",
-    (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",):
-        "qwen2",
+    (
+        r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",  # noqa: E501 (the tokenizers' own pattern)
+    ): "llama-bpe",
+    (
+        r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",  # noqa: E501 (the tokenizers' own pattern)
+    ): "qwen2",
     # Mistral's tekken (Nemo, Small 3 and later)
-    (r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+|[^\r\n\p{L}\p{N}]?"
-     r"[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+",):
-        "tekken",
+    (
+        r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+|[^\r\n\p{L}\p{N}]?"
+        r"[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+",  # noqa: E501 (the tokenizers' own pattern)
+    ): "tekken",
     # SmolLM and SmolLM2: digits split one by one, then GPT-2's split
     (DIGITS, GPT2_PATTERN): "smollm",
 }
@@ -70,15 +73,16 @@ def pre_tokenizer_name(tokenizer_json: dict) -> str:
     patterns = tuple(_split_patterns(tokenizer_json.get("pre_tokenizer")))
     if patterns in PRE_TOKENIZERS:
         return PRE_TOKENIZERS[patterns]
-    raise ConversionError(f"unknown BPE pre-tokenizer (split patterns: {patterns or 'none'}); known: "
-                          f"{', '.join(sorted(set(PRE_TOKENIZERS.values())))}")
+    raise ConversionError(
+        f"unknown BPE pre-tokenizer (split patterns: {patterns or 'none'}); known: "
+        f"{', '.join(sorted(set(PRE_TOKENIZERS.values())))}"
+    )
 
 
 def permute_for_llama(weight: np.ndarray, n_heads: int) -> np.ndarray:
     """HF half-rotation layout -> llama.cpp interleaved pairs, per head."""
     rows = weight.shape[0]
-    return (weight.reshape(n_heads, 2, rows // n_heads // 2, *weight.shape[1:])
-            .swapaxes(1, 2).reshape(weight.shape))
+    return weight.reshape(n_heads, 2, rows // n_heads // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
 
 
 def _tensor_type(name: str, shape: tuple[int, ...], wanted: gguf.GGMLQuantizationType) -> gguf.GGMLQuantizationType:
@@ -115,8 +119,10 @@ def _encode(data: np.ndarray, kind: gguf.GGMLQuantizationType, name: str) -> np.
     if kind == gguf.GGMLQuantizationType.F16:
         peak = float(np.abs(data).max(initial=0.0))
         if not peak <= F16_MAX:
-            raise F16RangeError(f"tensor {name} has values up to {peak:.4g}, beyond f16's range ({F16_MAX:.0f}); "
-                                f"write bf16 or f32 instead")
+            raise F16RangeError(
+                f"tensor {name} has values up to {peak:.4g}, beyond f16's range ({F16_MAX:.0f}); "
+                f"write bf16 or f32 instead"
+            )
     if kind in _NUMPY:
         return data.astype(_NUMPY[kind])
     return gguf.quants.quantize(data, kind)  # bytes, uint8
@@ -189,20 +195,24 @@ def _adds_space_prefix(spec: dict) -> bool:
     """Whether HF puts "▁" in front of the text (a Prepend normalizer or a Metaspace pre-tokenizer)."""
     steps = [spec.get("normalizer") or {}, spec.get("pre_tokenizer") or {}]
     steps = [sub for step in steps for sub in (step.get("normalizers") or step.get("pretokenizers") or [step])]
-    return any(step.get("type") == "Prepend" or (step.get("type") == "Metaspace"
-                                                   and step.get("prepend_scheme", "always") != "never")
-               for step in steps)
+    return any(
+        step.get("type") == "Prepend"
+        or (step.get("type") == "Metaspace" and step.get("prepend_scheme", "always") != "never")
+        for step in steps
+    )
 
 
-def _write_sentencepiece_bpe(writer: gguf.GGUFWriter, tokenizer, spec: dict, vocab_size: int,
-                             dirs: list[Path]) -> None:
+def _write_sentencepiece_bpe(writer: gguf.GGUFWriter, tokenizer, spec: dict, vocab_size: int, dirs: list[Path]) -> None:
     """Llama-2/Mistral-style vocabularies (tokenizer.json's BPE with byte fallback) for llama.cpp's
     SentencePiece tokenizer, which merges the pair whose result scores highest. The scores are the
     SentencePiece model's own where tokenizer.model ships beside tokenizer.json (as llama.cpp's converter
     takes them); otherwise a piece scores minus the rank of the merge that makes it, so merges happen
     in tokenizer.json's order."""
-    tokens, types = _token_types(tokenizer, vocab_size, normal=lambda token: gguf.TokenType.BYTE
-                                 if _BYTE_TOKEN.fullmatch(token) else gguf.TokenType.NORMAL)
+    tokens, types = _token_types(
+        tokenizer,
+        vocab_size,
+        normal=lambda token: gguf.TokenType.BYTE if _BYTE_TOKEN.fullmatch(token) else gguf.TokenType.NORMAL,
+    )
     if tokenizer.unk_token_id is not None and tokenizer.unk_token_id < vocab_size:
         types[tokenizer.unk_token_id] = gguf.TokenType.UNKNOWN
     writer.add_tokenizer_model("llama")
@@ -238,8 +248,10 @@ def _vocabulary_writer(spec: dict, where: Path):
     model = spec["model"]
     if model["type"] == "BPE":
         return _write_sentencepiece_bpe if model.get("byte_fallback") else _write_byte_level_bpe
-    raise ConversionError(f"{where}: tokenizer model {model['type']!r} is not supported (byte-level BPE and "
-                          f"SentencePiece-style BPE with byte fallback are)")
+    raise ConversionError(
+        f"{where}: tokenizer model {model['type']!r} is not supported (byte-level BPE and "
+        f"SentencePiece-style BPE with byte fallback are)"
+    )
 
 
 def _write_tokenizer(writer: gguf.GGUFWriter, source, config: dict) -> None:
@@ -252,15 +264,18 @@ def _write_tokenizer(writer: gguf.GGUFWriter, source, config: dict) -> None:
     # The tokenizer HF actually runs: transformers 5 may replace tokenizer.json's pre-tokenizer
     # with the model family's own (Qwen2 does), and llama.cpp must reproduce what HF does.
     spec = json.loads(tokenizer.backend_tokenizer.to_str())
-    _vocabulary_writer(spec, source.tokenizer_dir)(writer, tokenizer, spec, vocab_size,
-                                                   [source.tokenizer_dir, source.directory])
+    _vocabulary_writer(spec, source.tokenizer_dir)(
+        writer, tokenizer, spec, vocab_size, [source.tokenizer_dir, source.directory]
+    )
     # A tokenizer without a BOS of its own (Qwen2) still has the model's in config.json: without it
     # llama.cpp would take token 11 as BOS. Whether BOS is added is written separately.
     bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else config.get("bos_token_id")
-    for setter, token_id in ((writer.add_bos_token_id, bos),
-                             (writer.add_eos_token_id, tokenizer.eos_token_id),
-                             (writer.add_unk_token_id, tokenizer.unk_token_id),
-                             (writer.add_pad_token_id, tokenizer.pad_token_id)):
+    for setter, token_id in (
+        (writer.add_bos_token_id, bos),
+        (writer.add_eos_token_id, tokenizer.eos_token_id),
+        (writer.add_unk_token_id, tokenizer.unk_token_id),
+        (writer.add_pad_token_id, tokenizer.pad_token_id),
+    ):
         if token_id is not None:
             setter(token_id)
     # Whether BOS and EOS are added: as HF encodes, not as its flags say.
@@ -272,14 +287,21 @@ def _write_tokenizer(writer: gguf.GGUFWriter, source, config: dict) -> None:
         writer.add_chat_template(tokenizer.chat_template)
 
 
-def convert(source, out_path: str | Path, out_type: str = "f16", *, permute_qk: bool | None = None,
-            progress: bool = False, errors: dict | None = None) -> Path:
+def convert(
+    source,
+    out_path: str | Path,
+    out_type: str = "f16",
+    *,
+    permute_qk: bool | None = None,
+    progress: bool = False,
+    errors: dict | None = None,
+) -> Path:
     """Write a model as a GGUF of out_type (f32, f16, bf16, q8_0). `source` is a model directory or a
-    checkpoint object (serve.checkpoint.Checkpoint, serve.merge.Merged). permute_qk overrides the
+    checkpoint object (serve.export.checkpoint.Checkpoint, serve.export.merge.Merged). permute_qk overrides the
     architecture's table entry (tests use it to show that skipping the permute is caught). `errors`,
     if given, receives per tensor {gguf name: [squared error of the written values, squared values]}."""
     if not hasattr(source, "rows"):
-        from serve.checkpoint import Checkpoint, CheckpointError
+        from serve.export.checkpoint import Checkpoint, CheckpointError
 
         try:
             source = Checkpoint(source)
@@ -290,9 +312,11 @@ def convert(source, out_path: str | Path, out_type: str = "f16", *, permute_qk: 
     arch_name = (config.get("architectures") or ["?"])[0]
     architectures = get_architectures()
     if arch_name not in architectures:
-        raise ConversionError(f"{source.directory}: architecture {arch_name} is not supported; supported: "
-                              f"{', '.join(architectures)}. Add one with the register_architectures hook "
-                              f"(serve/architectures.py shows how)")
+        raise ConversionError(
+            f"{source.directory}: architecture {arch_name} is not supported; supported: "
+            f"{', '.join(architectures)}. Add one with the register_architectures hook "
+            f"(serve/export/architectures.py shows how)"
+        )
     if out_type not in OUT_TYPES:
         raise ConversionError(f"unknown output type {out_type!r}; choose from {', '.join(OUT_TYPES)}")
     with atomic_path(out_path) as tmp:
@@ -366,16 +390,23 @@ def _write(tmp: Path, arch, source, out_type: str, permute_qk: bool | None, prog
         if item.kind in _NUMPY:
             writer.add_tensor_info(item.name, item.shape, np.dtype(_NUMPY[item.kind]), item.nbytes)
         else:
-            writer.add_tensor_info(item.name, gguf.quant_shape_to_byte_shape(item.shape, item.kind),
-                                   np.dtype(np.uint8), item.nbytes, raw_dtype=item.kind)
+            writer.add_tensor_info(
+                item.name,
+                gguf.quant_shape_to_byte_shape(item.shape, item.kind),
+                np.dtype(np.uint8),
+                item.nbytes,
+                raw_dtype=item.kind,
+            )
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_ti_data_to_file()
-    with tqdm(total=sum(i.nbytes for i in plan), desc=f"convert {out_type}", unit="B", unit_scale=True,
-              disable=not progress) as bar:
+    with tqdm(
+        total=sum(i.nbytes for i in plan), desc=f"convert {out_type}", unit="B", unit_scale=True, disable=not progress
+    ) as bar:
         for item in plan:
-            writer.write_tensor_data(_Stream(item.nbytes, lambda item=item: _slices(item, arch, source, generated,
-                                                                                    errors, bar)))
+            writer.write_tensor_data(
+                _Stream(item.nbytes, lambda item=item: _slices(item, arch, source, generated, errors, bar))
+            )
     writer.close()
 
 

@@ -20,7 +20,7 @@ import gguf
 import numpy as np
 
 from orpo_plugin.core.logprobs import log_softmax
-from serve.checkpoint import parameters
+from serve.export.checkpoint import parameters
 
 SAMPLE_MESSAGES = [
     [{"role": "user", "content": "What is 12 + 30?"}],
@@ -60,8 +60,10 @@ def same_tokens(path: Path, tokenizer, texts: list[str]) -> bool:
     from serve.llama import vocabulary
 
     with vocabulary(path) as tokenize:
-        return all(tokenize(t.encode(), add_bos=True, special=True)
-                   == tokenizer(t, add_special_tokens=True)["input_ids"] for t in texts)
+        return all(
+            tokenize(t.encode(), add_bos=True, special=True) == tokenizer(t, add_special_tokens=True)["input_ids"]
+            for t in texts
+        )
 
 
 # -- tensors -------------------------------------------------------------------------------------
@@ -70,9 +72,15 @@ def tensor_summary(errors: dict[str, list[float]], quant: str, reference: str) -
     rel = {name: float(np.sqrt(err / ref)) if ref else float(err > 0) for name, (err, ref) in errors.items()}
     worst = max(rel, key=rel.get)
     bound = TENSOR_BOUND.get(quant)
-    return {"checked": len(rel), "reference": reference, "worst": worst, "worst_rel_rms": rel[worst],
-            "mean_rel_rms": float(np.mean(list(rel.values()))), "bound": bound,
-            "ok": bound is None or rel[worst] <= bound}
+    return {
+        "checked": len(rel),
+        "reference": reference,
+        "worst": worst,
+        "worst_rel_rms": rel[worst],
+        "mean_rel_rms": float(np.mean(list(rel.values()))),
+        "bound": bound,
+        "ok": bound is None or rel[worst] <= bound,
+    }
 
 
 def _tensors(path: Path) -> dict:
@@ -85,8 +93,9 @@ def _rows(path: Path, tensor, start: int, stop: int) -> np.ndarray:
     row_elements = int(tensor.shape[0])  # GGUFReader gives ggml's order: the row length first
     rows = tensor.n_elements // row_elements
     row_bytes = tensor.n_bytes // rows
-    raw = np.fromfile(path, dtype=np.uint8, count=(stop - start) * row_bytes,
-                      offset=int(tensor.data_offset) + start * row_bytes).reshape(stop - start, row_bytes)
+    raw = np.fromfile(
+        path, dtype=np.uint8, count=(stop - start) * row_bytes, offset=int(tensor.data_offset) + start * row_bytes
+    ).reshape(stop - start, row_bytes)
     kind = gguf.GGMLQuantizationType(tensor.tensor_type)
     if kind == gguf.GGMLQuantizationType.F32:
         return raw.view(np.float32)
@@ -128,8 +137,10 @@ def logits_left_out(source) -> str | None:
 
     size = parameters(source) * 4
     if size > LOGITS_LIMIT:
-        return (f"the merged model is {size / GiB:.1f} GiB in fp32; the end-to-end logits check builds it "
-                f"in memory and runs up to {LOGITS_LIMIT / GiB:.0f} GiB")
+        return (
+            f"the merged model is {size / GiB:.1f} GiB in fp32; the end-to-end logits check builds it "
+            f"in memory and runs up to {LOGITS_LIMIT / GiB:.0f} GiB"
+        )
     if importlib.util.find_spec("torch") is None:
         return "torch is not installed (orpo-plugin[serve] alone); install torch to run it"
     return None
@@ -145,8 +156,9 @@ def reference_model(source):
     state = {name: torch.from_numpy(source.rows(name)) for name in source.names()}
     missing, unexpected = model.load_state_dict(state, strict=False)
     if unexpected or set(missing) - {"lm_head.weight"}:
-        raise RuntimeError(f"the reference model does not take the checkpoint's tensors: missing {missing}, "
-                           f"unexpected {unexpected}")
+        raise RuntimeError(
+            f"the reference model does not take the checkpoint's tensors: missing {missing}, unexpected {unexpected}"
+        )
     if missing:
         model.tie_weights()
     return model.eval()
@@ -162,12 +174,18 @@ def _long_ids(tokenizer, config_context: int) -> list[int]:
 
 def _long_check(kl: np.ndarray, quant: str) -> dict:
     """Mean KL over the sequence and per WINDOW positions (the worst window and the first)."""
-    means = [float(kl[i:i + WINDOW].mean()) for i in range(0, len(kl), WINDOW)]
+    means = [float(kl[i : i + WINDOW].mean()) for i in range(0, len(kl), WINDOW)]
     worst = int(np.argmax(means))
     bound = LONG_KL_BOUND.get(quant)
-    return {"tokens": len(kl), "mean_kl": float(kl.mean()), "bound": bound, "first_window_kl": means[0],
-            "worst_window": [worst * WINDOW, min(len(kl), (worst + 1) * WINDOW)], "worst_window_kl": means[worst],
-            "ok": bound is None or float(kl.mean()) <= bound}
+    return {
+        "tokens": len(kl),
+        "mean_kl": float(kl.mean()),
+        "bound": bound,
+        "first_window_kl": means[0],
+        "worst_window": [worst * WINDOW, min(len(kl), (worst + 1) * WINDOW)],
+        "worst_window_kl": means[worst],
+        "ok": bound is None or float(kl.mean()) <= bound,
+    }
 
 
 def logits(source, tokenizer, texts: list[str], gguf_paths: dict[str, Path], threads: int, hf=None) -> dict:

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from serve.checkpoint import Checkpoint, CheckpointError, Entry, read_header, read_rows
+from serve.export.checkpoint import Checkpoint, CheckpointError, Entry, read_header, read_rows
 
 PREFIX = "base_model.model."
 EMBED_SUFFIX = "embed_tokens.weight"
@@ -61,49 +61,64 @@ class Adapter:
         self.directory = Path(directory)
         config_path = self.directory / "adapter_config.json"
         if not config_path.is_file():
-            raise MergeError(f"{self.directory}: no adapter_config.json; pass the directory `axolotl train` wrote "
-                             f"(its output_dir), or omit the adapter for a full fine-tune")
+            raise MergeError(
+                f"{self.directory}: no adapter_config.json; pass the directory `axolotl train` wrote "
+                f"(its output_dir), or omit the adapter for a full fine-tune"
+            )
         self.config = json.loads(config_path.read_text())
         self._refuse_unsupported(config_path)
         weights = self.directory / "adapter_model.safetensors"
         if not weights.is_file():
-            raise MergeError(f"{self.directory}: no adapter_model.safetensors (an adapter saved as .bin? re-save it "
-                             f"with save_pretrained(..., safe_serialization=True))")
+            raise MergeError(
+                f"{self.directory}: no adapter_model.safetensors (an adapter saved as .bin? re-save it "
+                f"with save_pretrained(..., safe_serialization=True))"
+            )
         self.loras: dict[str, _Lora] = {}
         self.replacements: dict[str, Entry] = {}
         for key, entry in read_header(weights).items():
             self._add(key, entry, weights)
         for lora in self.loras.values():
             if lora.a is None or lora.b is None:
-                raise MergeError(f"{weights}: {lora.base_name} has only half of its LoRA pair (lora_A and lora_B); "
-                                 f"the adapter file is incomplete")
+                raise MergeError(
+                    f"{weights}: {lora.base_name} has only half of its LoRA pair (lora_A and lora_B); "
+                    f"the adapter file is incomplete"
+                )
             r = lora.a.shape[0]
             module = lora.base_name.removesuffix(".weight")
             alpha = _pattern_value(self.config.get("alpha_pattern") or {}, module, self.config.get("lora_alpha", r))
-            lora.scale = alpha / (r ** 0.5 if self.config.get("use_rslora") else r)
+            lora.scale = alpha / (r**0.5 if self.config.get("use_rslora") else r)
 
     def _refuse_unsupported(self, config_path: Path) -> None:
         config = self.config
         refusals = [
-            (config.get("peft_type", "LORA") != "LORA", f"peft_type {config.get('peft_type')!r} (only LoRA adapters "
-                                                        f"can be merged)"),
+            (
+                config.get("peft_type", "LORA") != "LORA",
+                f"peft_type {config.get('peft_type')!r} (only LoRA adapters can be merged)",
+            ),
             (config.get("fan_in_fan_out"), "fan_in_fan_out (GPT-2 style Conv1D layers)"),
             (config.get("lora_bias"), "lora_bias (a trained bias on lora_B)"),
         ]
         for refused, what in refusals:
             if refused:
-                raise MergeError(f"{config_path}: {what} is not supported by the merge; train a plain LoRA "
-                                 f"(DoRA and rsLoRA are supported)")
+                raise MergeError(
+                    f"{config_path}: {what} is not supported by the merge; train a plain LoRA "
+                    f"(DoRA and rsLoRA are supported)"
+                )
 
     def _add(self, key: str, entry: Entry, weights: Path) -> None:
         if not key.startswith(PREFIX):
             raise MergeError(f"{weights}: tensor {key} is not under {PREFIX!r}; not a PEFT causal-LM adapter")
-        name = key[len(PREFIX):]
-        for suffix, part in ((".lora_A.weight", "a"), (".lora_B.weight", "b"), (".lora_embedding_A", "a"),
-                             (".lora_embedding_B", "b"), (".lora_magnitude_vector.weight", "magnitude"),
-                             (".lora_magnitude_vector", "magnitude")):
+        name = key[len(PREFIX) :]
+        for suffix, part in (
+            (".lora_A.weight", "a"),
+            (".lora_B.weight", "b"),
+            (".lora_embedding_A", "a"),
+            (".lora_embedding_B", "b"),
+            (".lora_magnitude_vector.weight", "magnitude"),
+            (".lora_magnitude_vector", "magnitude"),
+        ):
             if name.endswith(suffix):
-                base_name = name[:-len(suffix)] + ".weight"
+                base_name = name[: -len(suffix)] + ".weight"
                 lora = self.loras.setdefault(base_name, _Lora(base_name))
                 setattr(lora, part, entry)
                 lora.embedding |= "embedding" in suffix
@@ -125,8 +140,9 @@ class Merged:
         self.base, self.adapter = base, adapter
         self.directory = base.directory
         # The tokenizer the adapter was trained with: Axolotl saves it beside the adapter.
-        self.tokenizer_dir = adapter.directory if (adapter.directory / "tokenizer_config.json").is_file() \
-            else base.directory
+        self.tokenizer_dir = (
+            adapter.directory if (adapter.directory / "tokenizer_config.json").is_file() else base.directory
+        )
         self.config = dict(base.config)
         self._names = base.names()
         embed = next((n for n in self._names if n.endswith(EMBED_SUFFIX)), None)
@@ -152,18 +168,24 @@ class Merged:
 
     def _check_fits(self) -> None:
         declared = self.adapter.config.get("base_model_name_or_path")
-        for name, entry in self.adapter.replacements.items():
+        for name in self.adapter.replacements:
             if self._base_shape(name) is None:
-                raise MergeError(f"{self.adapter.directory} does not fit base model {self.directory} (the adapter names "
-                                 f"{declared!r}): it replaces {name}, which the base does not have")
+                raise MergeError(
+                    f"{self.adapter.directory} does not fit base model {self.directory} (the adapter names "
+                    f"{declared!r}): it replaces {name}, which the base does not have"
+                )
         for name, lora in self.adapter.loras.items():
             shape = self.shape(name) if self._base_shape(name) is not None else None
-            rows, cols = (lora.b.shape[0], lora.a.shape[1]) if not lora.embedding else (lora.a.shape[1], lora.b.shape[0])
+            rows, cols = (
+                (lora.b.shape[0], lora.a.shape[1]) if not lora.embedding else (lora.a.shape[1], lora.b.shape[0])
+            )
             if shape is None or shape != (rows, cols):
                 what = "does not have it" if shape is None else f"has it as {list(shape)}"
-                raise MergeError(f"{self.adapter.directory} does not fit base model {self.directory} (the adapter names "
-                                 f"{declared!r}): its LoRA on {name} is for a [{rows}, {cols}] matrix, the base "
-                                 f"{what}")
+                raise MergeError(
+                    f"{self.adapter.directory} does not fit base model {self.directory} (the adapter names "
+                    f"{declared!r}): its LoRA on {name} is for a [{rows}, {cols}] matrix, the base "
+                    f"{what}"
+                )
 
     def names(self) -> list[str]:
         return list(self._names)

@@ -42,24 +42,29 @@ def read_header(path: Path) -> dict[str, Entry]:
     except (OSError, ValueError) as err:
         raise CheckpointError(f"{path}: not a readable safetensors file ({err})") from None
     header.pop("__metadata__", None)
-    return {name: Entry(path, info["dtype"], tuple(info["shape"]), 8 + size + info["data_offsets"][0])
-            for name, info in header.items()}
+    return {
+        name: Entry(path, info["dtype"], tuple(info["shape"]), 8 + size + info["data_offsets"][0])
+        for name, info in header.items()
+    }
 
 
 def read_rows(entry: Entry, start: int = 0, stop: int | None = None) -> np.ndarray:
     """Rows [start, stop) of a tensor (the whole of a 1-D one) as float32."""
     if entry.dtype not in DTYPES:
-        raise CheckpointError(f"{entry.path.name}: tensor dtype {entry.dtype} is not supported "
-                              f"(F32, F16, BF16 and F64 are)")
+        raise CheckpointError(
+            f"{entry.path.name}: tensor dtype {entry.dtype} is not supported (F32, F16, BF16 and F64 are)"
+        )
     stored = np.dtype(DTYPES[entry.dtype])
     rows = entry.shape[0] if entry.shape else 1
     stop = rows if stop is None else min(stop, rows)
     count = (stop - start) * entry.row_elements
-    raw = np.fromfile(entry.path, dtype=stored, count=count, offset=entry.offset + start * entry.row_elements
-                      * stored.itemsize)
+    raw = np.fromfile(
+        entry.path, dtype=stored, count=count, offset=entry.offset + start * entry.row_elements * stored.itemsize
+    )
     if raw.size != count:
-        raise CheckpointError(f"{entry.path}: truncated (a tensor ends past the end of the file); "
-                              f"download the checkpoint again")
+        raise CheckpointError(
+            f"{entry.path}: truncated (a tensor ends past the end of the file); download the checkpoint again"
+        )
     raw = raw.reshape((stop - start, *entry.shape[1:]) if entry.shape else ())
     if entry.dtype == "BF16":
         return (raw.astype(np.uint32) << 16).view(np.float32)
@@ -77,13 +82,17 @@ class Checkpoint:
         try:
             self.config = json.loads((self.directory / "config.json").read_text())
         except (OSError, ValueError) as err:
-            raise CheckpointError(f"{self.directory / 'config.json'}: not readable ({err}); a model directory "
-                                  f"has the config.json its checkpoint came with") from None
+            raise CheckpointError(
+                f"{self.directory / 'config.json'}: not readable ({err}); a model directory "
+                f"has the config.json its checkpoint came with"
+            ) from None
         quantized = (self.config.get("quantization_config") or {}).get("quant_method")
         if quantized:
-            raise CheckpointError(f"{self.directory} is a {quantized}-quantized checkpoint; export from the "
-                                  f"full-precision model it was made from (a QLoRA adapter merges into that base "
-                                  f"too)")
+            raise CheckpointError(
+                f"{self.directory} is a {quantized}-quantized checkpoint; export from the "
+                f"full-precision model it was made from (a QLoRA adapter merges into that base "
+                f"too)"
+            )
 
     def _shards(self) -> list[Path]:
         index = self.directory / INDEX
@@ -91,14 +100,18 @@ class Checkpoint:
             names = dict.fromkeys(json.loads(index.read_text())["weight_map"].values())
             missing = [n for n in names if not (self.directory / n).is_file()]
             if missing:
-                raise CheckpointError(f"{index} names shards that are not there: {', '.join(missing)}; "
-                                      f"download the checkpoint again")
+                raise CheckpointError(
+                    f"{index} names shards that are not there: {', '.join(missing)}; download the checkpoint again"
+                )
             return [self.directory / n for n in names]
         shards = sorted(p for p in self.directory.glob("*.safetensors") if not p.name.startswith("adapter_"))
         if not shards:
             found = sorted(p.name for p in self.directory.glob("*.bin"))
-            hint = (f" (it has {', '.join(found)}: re-save it with save_pretrained(..., safe_serialization=True))"
-                    if found else "")
+            hint = (
+                f" (it has {', '.join(found)}: re-save it with save_pretrained(..., safe_serialization=True))"
+                if found
+                else ""
+            )
             raise CheckpointError(f"{self.directory}: no safetensors weights{hint}")
         return shards
 
@@ -129,8 +142,10 @@ def model_directory(base: str | Path) -> Path:
     from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError, RepositoryNotFoundError
 
     try:
-        return Path(snapshot_download(str(base), allow_patterns=["*.json", "*.safetensors", "tokenizer.model",
-                                                                 "*.jinja"]))
+        return Path(
+            snapshot_download(str(base), allow_patterns=["*.json", "*.safetensors", "tokenizer.model", "*.jinja"])
+        )
     except (HFValidationError, LocalEntryNotFoundError, RepositoryNotFoundError, OSError) as err:
-        raise CheckpointError(f"{base}: not a local directory, and the hub copy could not be had "
-                              f"({str(err).splitlines()[0]})") from None
+        raise CheckpointError(
+            f"{base}: not a local directory, and the hub copy could not be had ({str(err).splitlines()[0]})"
+        ) from None

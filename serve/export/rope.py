@@ -35,8 +35,11 @@ def llama3_factors(params: dict, head_dim: int) -> np.ndarray:
     freqs = 1.0 / base ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
     wavelen = 2 * math.pi / freqs
     smooth = (old_context / wavelen - low) / (high - low)
-    factors = np.where(wavelen < old_context / high, 1.0,
-                       np.where(wavelen > old_context / low, factor, 1.0 / ((1 - smooth) / factor + smooth)))
+    factors = np.where(
+        wavelen < old_context / high,
+        1.0,
+        np.where(wavelen > old_context / low, factor, 1.0 / ((1 - smooth) / factor + smooth)),
+    )
     return factors.astype(np.float32)
 
 
@@ -49,8 +52,10 @@ def _yarn(writer: gguf.GGUFWriter, params: dict, head_dim: int):
     writer.add_rope_scaling_type(gguf.RopeScalingType.YARN)
     writer.add_rope_scaling_factor(float(params["factor"]))
     writer.add_rope_scaling_orig_ctx_len(int(params["original_max_position_embeddings"]))
-    for key, add in (("beta_fast", writer.add_rope_scaling_yarn_beta_fast),
-                     ("beta_slow", writer.add_rope_scaling_yarn_beta_slow)):
+    for key, add in (
+        ("beta_fast", writer.add_rope_scaling_yarn_beta_fast),
+        ("beta_slow", writer.add_rope_scaling_yarn_beta_slow),
+    ):
         if params.get(key) is not None:
             add(float(params[key]))
 
@@ -82,6 +87,8 @@ def write_rope(writer: gguf.GGUFWriter, config: dict, head_dim: int, where) -> d
     writer.add_rope_dimension_count(head_dim)
     scaling = SCALINGS.get(params["rope_type"])
     if scaling is None:
-        raise RopeError(f"{where}: RoPE scaling {params['rope_type']!r} is not supported (supported: "
-                        f"{', '.join(SCALINGS)}); the model would lose accuracy at long positions")
+        raise RopeError(
+            f"{where}: RoPE scaling {params['rope_type']!r} is not supported (supported: "
+            f"{', '.join(SCALINGS)}); the model would lose accuracy at long positions"
+        )
     return scaling(writer, params, head_dim) or {}

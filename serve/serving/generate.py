@@ -53,8 +53,7 @@ class Outcome:
 
 def _held_back(text: str, stops: Sequence[str]) -> int:
     """How many characters at the end of text could begin a stop string (so must not be sent yet)."""
-    return max((i for s in stops for i in range(min(len(s) - 1, len(text)), 0, -1) if text.endswith(s[:i])),
-               default=0)
+    return max((i for s in stops for i in range(min(len(s) - 1, len(text)), 0, -1) if text.endswith(s[:i])), default=0)
 
 
 def _logit_bias(bias: dict[int, float]):
@@ -68,8 +67,15 @@ def _logit_bias(bias: dict[int, float]):
     return [apply]
 
 
-def generate(llm, prompt: list[int], max_tokens: int, stop: Sequence[str] = (), sampling: Sampling = Sampling(),
-             stop_requested: Callable[[], bool] = lambda: False, outcome: Outcome | None = None) -> Iterator[str]:
+def generate(
+    llm,
+    prompt: list[int],
+    max_tokens: int,
+    stop: Sequence[str] = (),
+    sampling: Sampling = Sampling(),
+    stop_requested: Callable[[], bool] = lambda: False,
+    outcome: Outcome | None = None,
+) -> Iterator[str]:
     """Yields the answer's text as it is generated (pieces never split a character or a stop
     string's possible start); fills `outcome`. Ends at the model's end-of-turn token, a stop string
     (not included), max_tokens, or the first token after stop_requested() turns true."""
@@ -81,12 +87,14 @@ def generate(llm, prompt: list[int], max_tokens: int, stop: Sequence[str] = (), 
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
     pending, sent, found = "", [], []
     llm.set_seed(sampling.seed % (1 << 32) if sampling.seed is not None else random.getrandbits(32))
+    # fmt: off
     tokens = llm.generate(
         prompt, temp=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k, min_p=sampling.min_p,
         typical_p=sampling.typical_p, repeat_penalty=sampling.repeat_penalty,
         presence_penalty=sampling.presence_penalty, frequency_penalty=sampling.frequency_penalty,
         grammar=llama_cpp.LlamaGrammar.from_string(sampling.grammar, verbose=False) if sampling.grammar else None,
         logits_processor=_logit_bias(sampling.logit_bias) if sampling.logit_bias else None)
+    # fmt: on
     try:
         for token in tokens:
             if stop_requested():
@@ -99,7 +107,7 @@ def generate(llm, prompt: list[int], max_tokens: int, stop: Sequence[str] = (), 
             pending += decoder.decode(llm.detokenize([token]))
             found = [i for i in (pending.find(s) for s in stops) if i >= 0]
             if found:
-                pending, outcome.finish_reason = pending[:min(found)], "stop"
+                pending, outcome.finish_reason = pending[: min(found)], "stop"
                 break
             ready = len(pending) - _held_back(pending, stops)
             if ready > 0:

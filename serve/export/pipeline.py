@@ -1,9 +1,9 @@
 """adapter -> GGUF files (+ K-quants) + Modelfile + export_report.json, in bounded memory and disk.
 
 The adapter is merged into the base a tensor slice at a time while the GGUF is written
-(serve.merge): no merged checkpoint is ever saved or held in memory. f32/f16/bf16/q8_0 are written
+(serve.export.merge): no merged checkpoint is ever saved or held in memory. f32/f16/bf16/q8_0 are written
 directly; K-quants come from llama.cpp's quantizer reading an f16 (or bf16) GGUF: the one asked for,
-or a temporary one beside the outputs. serve.parity checks the files against the merged weights.
+or a temporary one beside the outputs. serve.export.parity checks the files against the merged weights.
 
 The output directory is shared with whatever else is there: only the files this command writes
 (model-<quant>.gguf for each --quant, Modelfile, export_report.json) are created or, with --force,
@@ -21,21 +21,16 @@ from tqdm import tqdm
 
 from orpo_plugin.core.atomic import remove_stale, scratch_path, write_json
 from orpo_plugin.core.tokenize import special_prefix
-from serve import memory, parity, preference
-from serve.checkpoint import CheckpointError, model_directory, parameters
-from serve.convert import OUT_TYPES, F16RangeError, convert
-from serve.merge import merged
-from serve.modelfile import write_modelfile
-from serve.quantize import QUANT_TYPES, quantize
+from serve.export import memory, parity, preference
+from serve.export.checkpoint import CheckpointError, model_directory, parameters
+from serve.export.convert import OUT_TYPES, F16RangeError, convert
+from serve.export.merge import merged
+from serve.export.modelfile import write_modelfile
+from serve.export.quantize import BITS, QUANT_TYPES, quantize
 
 PREFERRED_FOR_MODELFILE = ("q4_k_m", "q5_k_m", "q8_0", "f16")
 OWN_FILES = ("Modelfile", "export_report.json")
 INTERMEDIATE = ".intermediate.gguf"
-# Bits per weight of each type on Llama-class models (llama.cpp's own figures, rounded up), for the
-# disk space check.
-BITS = {"f32": 32, "f16": 16, "bf16": 16, "q8_0": 8.5, "q6_k": 6.6, "q5_k_m": 5.7, "q5_k_s": 5.6, "q5_1": 6.0,
-        "q5_0": 5.5, "q4_k_m": 4.9, "q4_k_s": 4.6, "q4_1": 5.0, "q4_0": 4.5, "q3_k_l": 4.3, "q3_k_m": 4.0,
-        "q3_k_s": 3.5, "q2_k": 3.4}
 GiB = parity.GiB
 
 
@@ -56,18 +51,23 @@ def check_request(out_dir: Path, quants: list[str], force: bool, base=None, adap
     quants = list(dict.fromkeys(q.lower() for q in quants))
     unknown = [q for q in quants if q not in writable_types()]
     if unknown or not quants:
-        raise ExportError(f"unknown quantization {', '.join(unknown) or '(none)'}; choose from "
-                          f"{', '.join(writable_types())}")
+        raise ExportError(
+            f"unknown quantization {', '.join(unknown) or '(none)'}; choose from {', '.join(writable_types())}"
+        )
     if out_dir.exists() and not out_dir.is_dir():
         raise ExportError(f"--out {out_dir} is a file; pass a directory")
     for what, directory in (("adapter", adapter), ("base model", base)):
         if directory and Path(directory).is_dir() and out_dir.resolve() == Path(directory).resolve():
-            raise ExportError(f"--out {out_dir} is the {what} directory; write the export beside it, e.g. "
-                              f"--out {Path(directory) / 'gguf'}")
+            raise ExportError(
+                f"--out {out_dir} is the {what} directory; write the export beside it, e.g. "
+                f"--out {Path(directory) / 'gguf'}"
+            )
     existing = [p.name for p in [target(out_dir, q) for q in quants] + [out_dir / n for n in OWN_FILES] if p.exists()]
     if existing and not force:
-        raise ExportError(f"{out_dir} already has {', '.join(existing)} from an earlier export; pass --force to "
-                          f"replace them (nothing else in {out_dir} is touched)")
+        raise ExportError(
+            f"{out_dir} already has {', '.join(existing)} from an earlier export; pass --force to "
+            f"replace them (nothing else in {out_dir} is touched)"
+        )
     return quants
 
 
@@ -83,8 +83,10 @@ def check_disk(out_dir: Path, params: int, quants: list[str], intermediate: bool
     free = shutil.disk_usage(out_dir).free
     if sum(need.values()) > free:
         parts = ", ".join(f"{name} {size / GiB:.1f} GiB" for name, size in need.items())
-        raise ExportError(f"not enough disk space in {out_dir}: the export needs about {sum(need.values()) / GiB:.1f} "
-                          f"GiB ({parts}) and {free / GiB:.1f} GiB is free; free some space or pick another --out")
+        raise ExportError(
+            f"not enough disk space in {out_dir}: the export needs about {sum(need.values()) / GiB:.1f} "
+            f"GiB ({parts}) and {free / GiB:.1f} GiB is free; free some space or pick another --out"
+        )
 
 
 class Stages:
@@ -100,20 +102,36 @@ class Stages:
         memory.reset_peak()
         start, child = time.perf_counter(), {}
         yield child
-        self.rows.append({"stage": name, "seconds": round(time.perf_counter() - start, 2),
-                          "peak_rss_mib": round(max(memory.peak_rss(), child.get("peak_rss", 0)) / 2**20)})
+        self.rows.append(
+            {
+                "stage": name,
+                "seconds": round(time.perf_counter() - start, 2),
+                "peak_rss_mib": round(max(memory.peak_rss(), child.get("peak_rss", 0)) / 2**20),
+            }
+        )
 
 
-def export(base: str | Path, adapter: str | Path | None, out_dir: str | Path, quants: list[str],
-           force: bool = False, threads: int = 2, num_ctx: int = 4096, progress=print,
-           eval_pairs: list | None = None, keep_accuracy: float | None = None) -> dict:
-    """eval_pairs: held-out preference pairs (serve.scoring.PairText) scored on the merged model and
+def export(
+    base: str | Path,
+    adapter: str | Path | None,
+    out_dir: str | Path,
+    quants: list[str],
+    force: bool = False,
+    threads: int = 2,
+    num_ctx: int = 4096,
+    progress=print,
+    eval_pairs: list | None = None,
+    keep_accuracy: float | None = None,
+) -> dict:
+    """eval_pairs: held-out preference pairs (core.formats.Pair) scored on the merged model and
     every file; keep_accuracy: the Modelfile then uses the smallest file keeping that share of the
     merged model's preference accuracy."""
     out_dir = Path(out_dir)
     if keep_accuracy is not None and not eval_pairs:
-        raise ExportError("--keep-accuracy needs held-out preference pairs: pass --eval-pairs FILE (axolotl "
-                          "merge-and-quantize also reads the config's test_datasets)")
+        raise ExportError(
+            "--keep-accuracy needs held-out preference pairs: pass --eval-pairs FILE (axolotl "
+            "merge-and-quantize also reads the config's test_datasets)"
+        )
     quants = check_request(out_dir, quants, force, base, adapter)
     try:
         source = merged(model_directory(base), adapter)
@@ -138,18 +156,21 @@ def export(base: str | Path, adapter: str | Path | None, out_dir: str | Path, qu
         if kquants:
             source_file = files.get(reference)
             if source_file is None:
-                source_file, reference = _intermediate(source, scratch.enter_context(scratch_path(out_dir, INTERMEDIATE)),
-                                                       stages, tensors)
+                source_file, reference = _intermediate(
+                    source, scratch.enter_context(scratch_path(out_dir, INTERMEDIATE)), stages, tensors
+                )
             for quant in kquants:
                 with stages(f"quantize {target(out_dir, quant).name} (from {reference})") as child:
-                    files[quant] = quantize(source_file, target(out_dir, quant), quant, threads=threads, progress=True,
-                                            stats=child)
+                    files[quant] = quantize(
+                        source_file, target(out_dir, quant), quant, threads=threads, progress=True, stats=child
+                    )
             with stages(f"check K-quant tensors against the {reference} file"):
                 for quant in kquants:
                     with tqdm(desc=f"check {quant}", unit="tensor") as bar:
                         errors = parity.compare_files(files[quant], source_file, bar)
                     tensors[quant] = parity.tensor_summary(
-                        errors, quant, f"{reference} GGUF, 1 in {parity.SAMPLE_EVERY} row slices")
+                        errors, quant, f"{reference} GGUF, 1 in {parity.SAMPLE_EVERY} row slices"
+                    )
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(str(source.tokenizer_dir))
@@ -166,16 +187,29 @@ def export(base: str | Path, adapter: str | Path | None, out_dir: str | Path, qu
                 chosen, line = preference.choose(report["preference"], written, keep_accuracy)
                 report["preference"].update(keep_accuracy=keep_accuracy, chosen=written[chosen]["path"], choice=line)
         else:
-            report["preference"] = {"checked": False, "why": "no held-out pairs (--eval-pairs FILE, or test_datasets "
-                                                             "in the Axolotl config)"}
+            report["preference"] = {
+                "checked": False,
+                "why": "no held-out pairs (--eval-pairs FILE, or test_datasets in the Axolotl config)",
+            }
         # BOS text the template writes is a token llama.cpp and Ollama add, where the tokenizer adds one;
         # elsewhere (SmolLM2's BOS is <|im_start|>, which its template writes for every turn) it is text.
-        write_modelfile(out_dir, files[chosen].name, tokenizer.chat_template, num_ctx, tokenizer.eos_token or "</s>",
-                        tokenizer.bos_token if special_prefix(tokenizer) else None)
-    report.update({
-        "base": str(base), "adapter": str(adapter) if adapter else None, "stages": stages.rows,
-        "files": written, "modelfile": {"from": files[chosen].name},
-    })
+        write_modelfile(
+            out_dir,
+            files[chosen].name,
+            tokenizer.chat_template,
+            num_ctx,
+            tokenizer.eos_token or "</s>",
+            tokenizer.bos_token if special_prefix(tokenizer) else None,
+        )
+    report.update(
+        {
+            "base": str(base),
+            "adapter": str(adapter) if adapter else None,
+            "stages": stages.rows,
+            "files": written,
+            "modelfile": {"from": files[chosen].name},
+        }
+    )
     report["failed_checks"] = failures(report)
     write_json(out_dir / "export_report.json", report)
     return report
@@ -205,8 +239,9 @@ def _check(source, tokenizer, files: dict[str, Path], tensors: dict, threads: in
         for quant, path in files.items():
             model = {"tokens_identical": parity.same_tokens(path, tokenizer, texts), "tensors_ok": tensors[quant]["ok"]}
             if quant in found:
-                model.update(found[quant], ok=model["tokens_identical"] and found[quant]["long"]["ok"]
-                             and model["tensors_ok"])
+                model.update(
+                    found[quant], ok=model["tokens_identical"] and found[quant]["long"]["ok"] and model["tensors_ok"]
+                )
             else:
                 model["ok"] = model["tokens_identical"] and model["tensors_ok"]
             report["models"][quant] = model
@@ -215,17 +250,24 @@ def _check(source, tokenizer, files: dict[str, Path], tensors: dict, threads: in
 
 
 def report_table(report: dict) -> str:
-    rows = ["| file | MiB | tokens identical | worst tensor rel. RMS error | mean KL | long sequence: worst window KL |",
-            "|---|---|---|---|---|---|"]
+    rows = [
+        "| file | MiB | tokens identical | worst tensor rel. RMS error | mean KL | long sequence: worst window KL |",
+        "|---|---|---|---|---|---|",
+    ]
     for quant, f in report["files"].items():
         m, t = report["models"][quant], report["tensors"][quant]
         kl = long = "not checked"
         if "long" in m:
             a, b = m["long"]["worst_window"]
             kl = f"{m['mean_kl']:.2e}"
-            long = f"{m['long']['worst_window_kl']:.2e} at {a}-{b} (first {parity.WINDOW}: {m['long']['first_window_kl']:.2e})"
-        rows.append(f"| {f['path']} | {f['bytes'] / 2**20:.1f} | {m['tokens_identical']} | {t['worst_rel_rms']:.2e} "
-                    f"({t['worst']}, vs {t['reference']}) | {kl} | {long} |")
+            long = (
+                f"{m['long']['worst_window_kl']:.2e} at {a}-{b} "
+                f"(first {parity.WINDOW}: {m['long']['first_window_kl']:.2e})"
+            )
+        rows.append(
+            f"| {f['path']} | {f['bytes'] / 2**20:.1f} | {m['tokens_identical']} | {t['worst_rel_rms']:.2e} "
+            f"({t['worst']}, vs {t['reference']}) | {kl} | {long} |"
+        )
     return "\n".join(rows)
 
 
@@ -243,13 +285,16 @@ def failures(report: dict) -> list[str]:
         if not m["tokens_identical"]:
             out.append(f"{path}: llama.cpp tokenizes the sample texts differently from the model's tokenizer")
         if not t["ok"]:
-            out.append(f"{path}: tensor {t['worst']} differs from the merged weights by {t['worst_rel_rms']:.2e} "
-                       f"(relative RMS), above {t['bound']:.0e} for {quant}")
+            out.append(
+                f"{path}: tensor {t['worst']} differs from the merged weights by {t['worst_rel_rms']:.2e} "
+                f"(relative RMS), above {t['bound']:.0e} for {quant}"
+            )
         if "long" in m and not m["long"]["ok"]:
             a, b = m["long"]["worst_window"]
-            out.append(f"{path}: mean next-token KL {m['long']['mean_kl']:.2e} over a "
-                       f"{m['long']['tokens']}-token sequence, above {m['long']['bound']:.0e} for {quant} (worst at "
-                       f"positions {a}-{b}: {m['long']['worst_window_kl']:.2e}); the GGUF does not compute what the "
-                       f"model does there: check its RoPE scaling and attention settings")
+            out.append(
+                f"{path}: mean next-token KL {m['long']['mean_kl']:.2e} over a "
+                f"{m['long']['tokens']}-token sequence, above {m['long']['bound']:.0e} for {quant} (worst at "
+                f"positions {a}-{b}: {m['long']['worst_window_kl']:.2e}); the GGUF does not compute what the "
+                f"model does there: check its RoPE scaling and attention settings"
+            )
     return out
-

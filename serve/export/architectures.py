@@ -44,16 +44,22 @@ def _gemma3_checks(config: dict) -> None:
     head_dim = config.get("head_dim") or hidden // heads
     scale_dim = hidden // heads if n_layers == 62 else head_dim
     if config.get("query_pre_attn_scalar", scale_dim) != scale_dim:
-        raise UnsupportedConfig(f"query_pre_attn_scalar is {config['query_pre_attn_scalar']}, but llama.cpp scales "
-                                f"the queries of a {n_layers}-layer Gemma 3 by 1/sqrt({scale_dim}); set it to "
-                                f"{scale_dim} or keep the checkpoint's own value")
+        raise UnsupportedConfig(
+            f"query_pre_attn_scalar is {config['query_pre_attn_scalar']}, but llama.cpp scales "
+            f"the queries of a {n_layers}-layer Gemma 3 by 1/sqrt({scale_dim}); set it to "
+            f"{scale_dim} or keep the checkpoint's own value"
+        )
     pattern = ["full_attention" if (i + 1) % 6 == 0 else "sliding_attention" for i in range(n_layers)]
     if config.get("sliding_window") and config.get("layer_types") not in (None, pattern):
-        raise UnsupportedConfig("layer_types: llama.cpp runs every sixth Gemma 3 layer with global attention and "
-                                "the others with the sliding window; this config has another pattern")
+        raise UnsupportedConfig(
+            "layer_types: llama.cpp runs every sixth Gemma 3 layer with global attention and "
+            "the others with the sliding window; this config has another pattern"
+        )
     if config.get("attn_logit_softcapping"):
-        raise UnsupportedConfig("attn_logit_softcapping: llama.cpp's Gemma 3 has no attention soft-capping; "
-                                "set it to null as Gemma 3 checkpoints do")
+        raise UnsupportedConfig(
+            "attn_logit_softcapping: llama.cpp's Gemma 3 has no attention soft-capping; "
+            "set it to null as Gemma 3 checkpoints do"
+        )
 
 
 def _gemma3_metadata(writer: gguf.GGUFWriter, config: dict) -> None:
@@ -77,8 +83,13 @@ BUILT_IN = (
     Architecture("Qwen3ForCausalLM", gguf.MODEL_ARCH.QWEN3, permute_qk=False),
     # Gemma 3 (text): sliding-window and global layers (llama.cpp's pattern: every sixth global),
     # norms stored as (weight - 1), embeddings scaled by sqrt(hidden) inside llama.cpp.
-    Architecture("Gemma3ForCausalLM", gguf.MODEL_ARCH.GEMMA3, permute_qk=False, add_metadata=_gemma3_metadata,
-                 transform=_gemma_norm),
+    Architecture(
+        "Gemma3ForCausalLM",
+        gguf.MODEL_ARCH.GEMMA3,
+        permute_qk=False,
+        add_metadata=_gemma3_metadata,
+        transform=_gemma_norm,
+    ),
 )
 
 

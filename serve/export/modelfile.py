@@ -59,12 +59,16 @@ class ChatFamily:
             if role == "system" and self.system != "turn":
                 continue
             before, after = (_go(part, eos) for part in self.turns[role])
-            inject = (f"{{{{ if and $.System {host} }}}}{{{{ $.System }}}}{self.system_separator}{{{{ end }}}}"
-                      if role == "user" and host else "")
-            branches.append(f'{{{{ {"if" if not branches else "else if"} eq .Role "{role}" }}}}'
-                            f"{before}{inject}{{{{ .Content }}}}{after}")
-        return ("{{- range $i, $_ := .Messages }}" + "".join(branches) + "{{ end }}{{ end }}"
-                + _go(self.generation, eos))
+            inject = (
+                f"{{{{ if and $.System {host} }}}}{{{{ $.System }}}}{self.system_separator}{{{{ end }}}}"
+                if role == "user" and host
+                else ""
+            )
+            branches.append(
+                f'{{{{ {"if" if not branches else "else if"} eq .Role "{role}" }}}}'
+                f"{before}{inject}{{{{ .Content }}}}{after}"
+            )
+        return "{{- range $i, $_ := .Messages }}" + "".join(branches) + "{{ end }}{{ end }}" + _go(self.generation, eos)
 
     def stop_strings(self, eos: str) -> tuple[str, ...]:
         return tuple(dict.fromkeys(stop.replace("{eos}", eos) for stop in self.stops))
@@ -80,6 +84,7 @@ def _go(text: str, eos: str) -> str:
 
 _CHATML = ("<|im_start|>{role}\n", "<|im_end|>\n")
 _LLAMA3 = ("<|start_header_id|>{role}<|end_header_id|>\n\n", "<|eot_id|>")
+# fmt: off
 FAMILIES = (
     ChatFamily("chatml", {r: _CHATML for r in ROLES}, "turn", "<|im_start|>assistant\n",
                ("<|im_start|>", "<|im_end|>")),
@@ -94,6 +99,7 @@ FAMILIES = (
     ChatFamily("mistral_tekken", {"user": ("[INST]", "[/INST]"), "assistant": ("", "{eos}")}, "last_user", "",
                ("[INST]", "[/INST]", "{eos}")),
 )
+# fmt: on
 
 # Conversations a family must render exactly as the model's template does. Those the template
 # refuses (Mistral v0.1 raises on a system turn) are not compared; it must accept the first two.
@@ -101,8 +107,12 @@ PROBES = (
     [{"role": "user", "content": "Q1"}],
     [{"role": "user", "content": "Q1"}, {"role": "assistant", "content": "A1"}, {"role": "user", "content": "Q2"}],
     [{"role": "system", "content": "S"}, {"role": "user", "content": "Q1"}],
-    [{"role": "system", "content": "S"}, {"role": "user", "content": "Q1"}, {"role": "assistant", "content": "A1"},
-     {"role": "user", "content": "Q2"}],
+    [
+        {"role": "system", "content": "S"},
+        {"role": "user", "content": "Q1"},
+        {"role": "assistant", "content": "A1"},
+        {"role": "user", "content": "Q2"},
+    ],
 )
 
 
@@ -137,13 +147,14 @@ def _default_system(family: ChatFamily, first: str, eos: str) -> str | None:
     if family.system != "turn":
         return None
     before, after = (_fill(part, "system", eos) for part in family.turns["system"])
-    if not first.startswith(before) or after not in first[len(before):]:
+    if not first.startswith(before) or after not in first[len(before) :]:
         return None
-    return first[len(before):first.index(after, len(before))]
+    return first[len(before) : first.index(after, len(before))]
 
 
-def modelfile_text(gguf_name: str, jinja_template: str | None, num_ctx: int, eos_token: str = "</s>",
-                   bos_token: str | None = None) -> str:
+def modelfile_text(
+    gguf_name: str, jinja_template: str | None, num_ctx: int, eos_token: str = "</s>", bos_token: str | None = None
+) -> str:
     family = detect_family(jinja_template, eos_token, bos_token or "")
     lines = [f"FROM ./{gguf_name}", ""]
     if family is None:
@@ -151,14 +162,24 @@ def modelfile_text(gguf_name: str, jinja_template: str | None, num_ctx: int, eos
     else:
         lines += [f"# Chat template family: {family.name}", f'TEMPLATE """{family.go_template(eos_token)}"""', ""]
         if family.default_system is not None:
-            lines += ["# The chat template's own system prompt, used when a conversation does not start with one.",
-                      f'SYSTEM """{family.default_system}"""', ""]
+            lines += [
+                "# The chat template's own system prompt, used when a conversation does not start with one.",
+                f'SYSTEM """{family.default_system}"""',
+                "",
+            ]
         lines += [f'PARAMETER stop "{stop}"' for stop in family.stop_strings(eos_token)]
     lines.append(f"PARAMETER num_ctx {num_ctx}")
     return "\n".join(lines) + "\n"
 
 
-def write_modelfile(out_dir: str | Path, gguf_name: str, jinja_template: str | None, num_ctx: int,
-                    eos_token: str = "</s>", bos_token: str | None = None) -> Path:
-    return write_text(Path(out_dir) / "Modelfile",
-                      modelfile_text(gguf_name, jinja_template, num_ctx, eos_token, bos_token))
+def write_modelfile(
+    out_dir: str | Path,
+    gguf_name: str,
+    jinja_template: str | None,
+    num_ctx: int,
+    eos_token: str = "</s>",
+    bos_token: str | None = None,
+) -> Path:
+    return write_text(
+        Path(out_dir) / "Modelfile", modelfile_text(gguf_name, jinja_template, num_ctx, eos_token, bos_token)
+    )
