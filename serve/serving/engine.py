@@ -45,7 +45,7 @@ class Engine:
             self.llm = llama.open_gguf(model_path, n_ctx, n_threads, sequences=SEQUENCES)
         except (ValueError, RuntimeError) as err:
             raise ServeError(f"{model_path}: llama.cpp could not load it ({err})") from None
-        self.path, self.name, self.created = model_path, model_path.name, int(model_path.stat().st_mtime)
+        self.name, self.created = model_path.name, int(model_path.stat().st_mtime)
         self.request_timeout, self.max_pairs = request_timeout, max_pairs
         self.lock = asyncio.Lock()
         self.closing = threading.Event()
