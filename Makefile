@@ -81,6 +81,7 @@ bench: setup
 	$(RUN) $(BIN)/python benchmarks/bench_export.py
 	$(RUN) $(BIN)/python benchmarks/bench_export_scale.py
 	$(RUN) $(BIN)/python benchmarks/bench_serve.py
+	$(RUN) $(BIN)/python benchmarks/bench_serve_stops.py
 	$(RUN) $(BIN)/python benchmarks/bench_orpo_vs_sft.py
 	$(RUN) $(BIN)/python benchmarks/bench_cli.py
 

@@ -21,9 +21,10 @@ from importlib import resources
 from pathlib import Path
 
 from orpo_plugin.core.atomic import atomic_path
+from orpo_plugin.core.errors import OrpoError
 
 
-class RealModelError(RuntimeError):
+class RealModelError(OrpoError, RuntimeError):
     """A model file that is missing or that this module cannot rebuild; the message says how to fix it."""
 
 

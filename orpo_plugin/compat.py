@@ -9,6 +9,7 @@ import inspect
 import transformers
 from transformers import Trainer
 
+from orpo_plugin.core.errors import OrpoError
 from orpo_plugin.engines import engine_module
 
 # name -> the parameters (after self) we call or override it with
@@ -21,7 +22,7 @@ PRIVATE_TRAINER_API = {
 }
 
 
-class TrainerAPIError(RuntimeError):
+class TrainerAPIError(OrpoError, RuntimeError):
     pass
 
 

@@ -61,17 +61,21 @@ def fail(message: str) -> None:
     raise SystemExit(2)
 
 
-def axolotl_release(version: str | None) -> tuple[str, str]:
-    """(version, Requires-Python) of this Axolotl release, or of the newest final one, from PyPI's
-    simple index (the JSON form pip itself reads)."""
+def pypi_files() -> list[dict]:
+    """Axolotl's files on PyPI's simple index (the JSON form pip itself reads)."""
     request = urllib.request.Request(
         "https://pypi.org/simple/axolotl/", headers={"Accept": "application/vnd.pypi.simple.v1+json"}
     )
     try:
         with urllib.request.urlopen(request, timeout=60) as response:
-            files = json.load(response)["files"]
+            return json.load(response)["files"]
     except OSError as err:
         fail(f"cannot read Axolotl's releases from PyPI ({err})")
+
+
+def release_from_index(files: list[dict], version: str | None) -> tuple[str, str]:
+    """(version, Requires-Python) of this Axolotl release, or of the newest final one, among the
+    index's files."""
     releases = {}
     for item in files:
         match = re.match(r"axolotl-([^-]+?)(?:-py3-none-any\.whl|\.tar\.gz)$", item["filename"])
@@ -84,6 +88,10 @@ def axolotl_release(version: str | None) -> tuple[str, str]:
     else:
         fail(f"axolotl {version} is not on PyPI; releases: {', '.join(map(str, sorted(releases)[-5:]))}, ...")
     return str(chosen), releases[chosen]
+
+
+def axolotl_release(version: str | None) -> tuple[str, str]:
+    return release_from_index(pypi_files(), version)
 
 
 def python_version(path: str) -> Version | None:

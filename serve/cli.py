@@ -1,5 +1,6 @@
 """`orpo` (the project's CLI) and `axolotl merge-and-quantize` (through Axolotl's
-axolotl.cli_commands entry point). Expected errors print one line and exit 1.
+axolotl.cli_commands entry point). Expected errors (orpo_plugin.core.errors.OrpoError, a missing
+package, a file that cannot be written) print one line and exit 1; ORPO_DEBUG=1 keeps their traceback.
 
 Every command imports what it needs when it runs, so `--help` and the GGUF commands (serve,
 chat, score on a GGUF) never import torch or Axolotl."""
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import click
 
+from orpo_plugin.core.errors import OrpoError, debugging
 from serve.serving import limits
 
 DEFAULT_QUANTS = ("q8_0", "q4_k_m")
@@ -21,19 +23,56 @@ def _interrupt(signum, frame):
     raise KeyboardInterrupt
 
 
+# What a package of each extra provides, for the one line that says what to install.
+EXTRA_OF = {"gguf": "serve", "llama_cpp": "serve", "fastapi": "serve", "uvicorn": "serve", "matplotlib": "serve"}
+EXTRA_OF |= {name: "train" for name in ("torch", "transformers", "peft", "accelerate", "safetensors", "axolotl")}
+
+
+def one_line(err: Exception) -> click.ClickException | None:
+    """The one line an expected error becomes; None for a bug (it keeps its traceback)."""
+    if isinstance(err, OrpoError):
+        return click.ClickException(str(err))
+    if isinstance(err, ModuleNotFoundError) and err.name:
+        top = err.name.split(".")[0]
+        extra = EXTRA_OF.get(top)
+        if extra:
+            return click.ClickException(
+                f"this command needs {top}, which is not installed here: pip install 'orpo-plugin[{extra}]' "
+                f"(into the environment that runs it)"
+            )
+    return None
+
+
+class OneLine:
+    """A click command or group whose expected errors end in one line, once for every command."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except Exception as err:
+            line = None if debugging() else one_line(err)
+            if line is None:
+                raise
+            raise line from None
+
+
+class Group(OneLine, click.Group):
+    pass
+
+
+class Command(OneLine, click.Command):
+    pass
+
+
 def _held_out(files: list[str], limit: int, on_bad_row: str) -> list:
     """Up to `limit` preference pairs from these files, in order (any format training reads)."""
-    from orpo_plugin.core.formats import OrpoDataError
     from orpo_plugin.core.rows import load_pairs
 
     pairs = []
     for path in files:
         if len(pairs) >= limit:
             break
-        try:
-            pairs += load_pairs(path, on_bad_row, limit - len(pairs))
-        except OrpoDataError as err:
-            raise click.ClickException(str(err)) from None
+        pairs += load_pairs(path, on_bad_row, limit - len(pairs))
     return pairs
 
 
@@ -43,11 +82,8 @@ def _run_export(
     """held_out: the pair files to use when --eval-pairs is not given (the config's test_datasets)."""
     import signal
 
-    from serve.export.convert import ConversionError
-    from serve.export.merge import MergeError
-    from serve.export.pipeline import ExportError, export, report_table, stage_table
+    from serve.export.pipeline import export, report_table, stage_table
     from serve.export.preference import table as preference_table
-    from serve.export.quantize import QuantizeError
 
     pairs = _held_out([eval_pairs] if eval_pairs else list(held_out), eval_limit, on_bad_row)
     signal.signal(signal.SIGTERM, _interrupt)  # like Ctrl-C: temporary files are removed on the way out
@@ -70,8 +106,6 @@ def _run_export(
             err=True,
         )
         raise click.exceptions.Exit(130) from None
-    except (ExportError, MergeError, ConversionError, QuantizeError) as err:
-        raise click.ClickException(str(err)) from None
     except OSError as err:  # disk full, file too large, permissions: nothing was left under a final name
         where = err.filename or out
         why = err.strerror or f"short write ({err}), is the disk full?"
@@ -148,7 +182,7 @@ def _with_options(fn):
     return fn
 
 
-@click.group()
+@click.group(cls=Group)
 def main():
     """ORPO after training: export, serve, score, chat."""
 
@@ -237,18 +271,14 @@ def serve(
     """OpenAI-compatible chat and completions, plus POST /v1/score (chosen vs rejected)."""
     import uvicorn
 
-    from serve.llama import GGUFError, LlamaVersionError
-    from serve.serving.app import ServeError, create_app
+    from serve.serving.app import create_app
 
     hosts = (*limits.LOCAL_HOSTS, *([] if host in ("0.0.0.0", "::") else [host]), *allowed_hosts)
-    try:
-        # fmt: off
-        app = create_app(model, api_key=api_key, n_ctx=n_ctx, n_threads=threads, max_pairs=max_pairs,
-                         allowed_hosts=hosts, cors_origins=cors_origins, request_timeout=request_timeout,
-                         read_timeout=read_timeout, score_batch=score_batch)
-        # fmt: on
-    except (ServeError, GGUFError, LlamaVersionError) as err:
-        raise click.ClickException(str(err)) from None
+    # fmt: off
+    app = create_app(model, api_key=api_key, n_ctx=n_ctx, n_threads=threads, max_pairs=max_pairs,
+                     allowed_hosts=hosts, cors_origins=cors_origins, request_timeout=request_timeout,
+                     read_timeout=read_timeout, score_batch=score_batch)
+    # fmt: on
     if n_ctx > app.state.trained_context > 0:
         click.echo(
             f"orpo: warning: --n-ctx {n_ctx} is more than the {app.state.trained_context} tokens {model} was "
@@ -288,16 +318,11 @@ def score(models, pairs_path, report_path, limit, on_bad_row, n_ctx, threads, sc
     """Preference accuracy of each MODEL (GGUF file, HF model directory, or a LoRA adapter
     directory from `axolotl train`) on held-out pairs."""
     from orpo_plugin.core.atomic import write_json
-    from orpo_plugin.core.formats import OrpoDataError
     from orpo_plugin.core.rows import load_pairs
-    from serve.llama import GGUFError, LlamaVersionError
-    from serve.scoring import ScoreError, score_models, score_table
+    from serve.scoring import score_models, score_table
 
-    try:
-        pairs = load_pairs(pairs_path, on_bad_row, limit)
-        report = score_models(list(models), pairs, n_ctx=n_ctx, threads=threads, score_batch=score_batch)
-    except (OrpoDataError, ScoreError, GGUFError, LlamaVersionError) as err:
-        raise click.ClickException(str(err)) from None
+    pairs = load_pairs(pairs_path, on_bad_row, limit)
+    report = score_models(list(models), pairs, n_ctx=n_ctx, threads=threads, score_batch=score_batch)
     report["pairs_file"] = str(pairs_path)
     click.echo(score_table(report))
     if report_path:
@@ -314,14 +339,11 @@ def score(models, pairs_path, report_path, limit, on_bad_row, n_ctx, threads, sc
 @click.option("--system", default=None, help="system prompt")
 def chat(model, n_ctx, threads, max_tokens, temperature, system):
     """Chat in the terminal with a GGUF, using its embedded chat template."""
-    from serve.llama import GGUFError, LlamaVersionError, check_gguf, check_version
+    from serve.llama import check_gguf, check_version
     from serve.serving.chat import chat as run
 
-    try:
-        check_gguf(model)
-        check_version()
-    except (GGUFError, LlamaVersionError) as err:
-        raise click.ClickException(str(err)) from None
+    check_gguf(model)
+    check_version()
     run(model, n_ctx=n_ctx, threads=threads, max_tokens=max_tokens, temperature=temperature, system=system)
 
 
@@ -330,16 +352,12 @@ def chat(model, n_ctx, threads, max_tokens, temperature, system):
 @click.option("--out", default=None, help="PNG path [default: OUTPUT_DIR/orpo_training.png]")
 def plot(output_dir, out):
     """Plot chosen/rejected log-probs, log-odds ratio, NLL and reward accuracy over steps."""
-    from serve.plot import PlotError
     from serve.plot import plot as draw
 
-    try:
-        click.echo(f"wrote {draw(output_dir, out)}")
-    except PlotError as err:
-        raise click.ClickException(str(err)) from None
+    click.echo(f"wrote {draw(output_dir, out)}")
 
 
-@click.command("merge-and-quantize")
+@click.command("merge-and-quantize", cls=Command)
 @click.argument("config", type=click.Path(exists=True, dir_okay=False))
 @click.option("--out", default=None, help="output directory [default: OUTPUT_DIR/gguf]")
 @_with_options
@@ -348,7 +366,12 @@ def axolotl_merge_and_quantize(config, out, quants, **options):
     test_datasets (local files) are the held-out pairs unless --eval-pairs names others."""
     import yaml
 
-    cfg = yaml.safe_load(Path(config).read_text()) or {}
+    try:
+        cfg = yaml.safe_load(Path(config).read_text()) or {}
+    except yaml.YAMLError as err:
+        raise click.ClickException(f"{config}: not valid YAML ({' '.join(str(err).split())})") from None
+    if not isinstance(cfg, dict):
+        raise click.ClickException(f"{config}: an Axolotl config is a mapping of keys (base_model: ...), not a list")
     missing = [k for k in ("base_model", "output_dir") if not cfg.get(k)]
     if missing:
         raise click.ClickException(f"{config}: missing {', '.join(missing)}")

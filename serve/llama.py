@@ -30,6 +30,8 @@ from pathlib import Path
 import llama_cpp
 import numpy as np
 
+from orpo_plugin.core.errors import OrpoError
+
 TESTED_VERSIONS = ("0.3.36",)
 INTERNALS = (
     "Llama._ctx",
@@ -45,7 +47,7 @@ INTERNALS = (
 )
 
 
-class LlamaVersionError(RuntimeError):
+class LlamaVersionError(OrpoError, RuntimeError):
     pass
 
 
@@ -93,7 +95,7 @@ def install_fixes() -> None:
     LlamaModel.token_to_piece = _token_to_piece
 
 
-class GGUFError(ValueError):
+class GGUFError(OrpoError, ValueError):
     """A model file that is not a GGUF; the message names it and what to pass instead."""
 
 

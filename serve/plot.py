@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 
 from orpo_plugin.core.atomic import atomic_path
+from orpo_plugin.core.errors import OrpoError
 from orpo_plugin.core.files import LOG_HISTORY
 
 PANELS = (  # (title, [(metric, label)])
@@ -21,7 +22,7 @@ PANELS = (  # (title, [(metric, label)])
 )
 
 
-class PlotError(ValueError):
+class PlotError(OrpoError, ValueError):
     pass
 
 

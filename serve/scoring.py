@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from orpo_plugin.core import odds
+from orpo_plugin.core.errors import OrpoError
 from orpo_plugin.core.formats import OrpoDataError
 from orpo_plugin.core.logprobs import target_logprobs
 from orpo_plugin.core.tokenize import tokenize_pair
@@ -33,7 +34,7 @@ SEQUENCES = 2 * PACK_PAIRS  # KV cache sequences a scoring Llama is opened with:
 ROWS_AT_ONCE = 64  # logits rows widened to float64 at a time: vocabularies are large
 
 
-class ScoreError(ValueError):
+class ScoreError(OrpoError, ValueError):
     """A request that cannot be scored; the message names the field and the fix."""
 
 

@@ -87,7 +87,7 @@ def test_axolotl_train_example_config(tmp_path, tiny_default):
 
 
 def test_preprocess_then_train_with_every_format(tmp_path, tiny_default):
-    """One entry per format (TRL strings, messages, UltraFeedback, conversations, Orca
+    """One entry per format (TRL strings, messages, one assistant message, UltraFeedback, conversations, Orca
     question, mapped columns) through `axolotl preprocess` and `axolotl train`."""
     from test_datasets import FIELD_MAP, ROWS_BY_FORMAT
 
@@ -116,7 +116,7 @@ def test_preprocess_then_train_with_every_format(tmp_path, tiny_default):
     )
     pre = _axolotl("preprocess", config, cwd=tmp_path)
     assert pre.returncode == 0, pre.stdout[-3000:]
-    expected = ["prompt", "prompt", "prompt", "conversation", "question", "prompt"]
+    expected = ["prompt", "prompt", "prompt", "prompt", "conversation", "question", "prompt"]
     for n, fmt in enumerate(expected):
         assert f"format{n}.jsonl [{fmt}]: 8 rows -> 8 pairs" in pre.stdout, pre.stdout[-3000:]
     assert list((tmp_path / "prepared" / "orpo_plugin").glob("*/train"))

@@ -20,7 +20,8 @@ from transformers import AutoModelForCausalLM
 from orpo_plugin.core import registry
 from orpo_plugin.core.hookspecs import hookimpl
 from serve.export.architectures import Architecture
-from serve.export.convert import ConversionError, convert, pre_tokenizer_name
+from serve.export.convert import ConversionError, convert
+from serve.export.vocabulary import pre_tokenizer_name
 
 CONVERSATION = [{"role": "user", "content": "What is 12 + 30?"}, {"role": "assistant", "content": "12 + 30 = 42"}]
 PLAIN = "Plain text, with punctuation!  Two spaces,\n digits 1234567 and ünïcödé — ok? 😀"

@@ -19,8 +19,13 @@ ROWS_BY_FORMAT = {
     "prompt (strings)": {"system": SYSTEM, "prompt": QUESTION, "chosen": GOOD, "rejected": BAD},
     "prompt (messages)": {
         "prompt": [{"role": "system", "content": SYSTEM}, USER],
-        "chosen": {"role": "assistant", "content": GOOD} and [{"role": "assistant", "content": GOOD}],
+        "chosen": [{"role": "assistant", "content": GOOD}],
         "rejected": BAD,
+    },
+    "prompt (one assistant message each)": {
+        "prompt": [{"role": "system", "content": SYSTEM}, USER],
+        "chosen": {"role": "assistant", "content": GOOD},
+        "rejected": {"role": "assistant", "content": BAD},
     },
     "ultrafeedback": {
         "system": SYSTEM,

@@ -177,7 +177,10 @@ def _run(
             )
     try:
         for proc, log in zip(procs, logs):
-            proc.wait(timeout=600)
+            try:
+                proc.wait(timeout=600)
+            except subprocess.TimeoutExpired:
+                pytest.fail(f"{log} still running after 600 s; its last output:\n{log.read_text()[-8000:]}")
             assert proc.returncode == 0, log.read_text()[-8000:]
     finally:  # a failed or hung node: no ranks left behind
         for proc in procs:

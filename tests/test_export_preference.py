@@ -7,6 +7,7 @@ import json
 import random
 import subprocess
 
+import numpy as np
 import pytest
 import tiny
 import torch
@@ -14,7 +15,7 @@ from test_cli import BIN, _env
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from orpo_plugin.core.rows import load_pairs
-from serve.scoring import HFScorer, open_model, score_pairs
+from serve.scoring import pair_ids
 
 QUANTS = ("f16", "q8_0", "q4_k_m")
 WORDS = "the of to and in is it you that was for on are with as his they at one have this".split()
@@ -24,8 +25,38 @@ def _orpo(*args):
     return subprocess.run([str(BIN / "orpo"), *map(str, args)], env=_env(), capture_output=True, text=True, timeout=900)
 
 
-def _preferred(results) -> list[str]:
-    return [r["preferred"] for r in results]
+def _average(logprobs: np.ndarray, start: int, answer: list[int]) -> float:
+    """Mean log-prob of the answer's tokens, from a [positions, vocab] array of log-probs."""
+    return float(np.mean([logprobs[start + k - 1, token] for k, token in enumerate(answer)]))
+
+
+def _reference(pairs, tokenizer, hf=None, gguf=None) -> list[str]:
+    """Which answer each pair prefers (higher mean log-prob), computed here without the project's
+    scorers: transformers' full-sequence logits, or llama-cpp-python's own eval with logits_all.
+    Only the token ids come from the project (training's tokenization, which scoring defines)."""
+    from llama_cpp import Llama
+
+    llm = Llama(str(gguf), n_ctx=512, logits_all=True, n_threads=2, verbose=False) if gguf else None
+    preferred = []
+    for pair in pairs:
+        prompt, chosen, rejected = pair_ids(tokenizer, pair)
+        means = []
+        for answer in (chosen, rejected):
+            ids = prompt + answer
+            if llm is None:
+                with torch.no_grad():
+                    logits = hf(torch.tensor([ids])).logits[0].double()
+                logprobs = torch.log_softmax(logits, -1).numpy()
+            else:
+                llm.reset()
+                llm.eval(ids)
+                scores = llm.scores[: len(ids)].astype(np.float64)
+                logprobs = scores - np.logaddexp.reduce(scores, axis=-1, keepdims=True)
+            means.append(_average(logprobs, len(prompt), answer))
+        preferred.append("chosen" if means[0] > means[1] else "rejected")
+    if llm is not None:
+        llm.close()
+    return preferred
 
 
 @pytest.fixture(scope="module")
@@ -53,19 +84,10 @@ def case(tmp_path_factory):
     rows = [r for r in rows if r["chosen"] != r["rejected"]]
     (root / "candidates.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     pairs = load_pairs(root / "candidates.jsonl")
-    merged = _preferred(
-        score_pairs(
-            HFScorer(AutoModelForCausalLM.from_pretrained(str(root / "hf"), dtype=torch.float32).eval()),
-            AutoTokenizer.from_pretrained(str(root / "hf")),
-            pairs,
-            "merged",
-            False,
-        )
-    )
-    files = {}
-    for quant in QUANTS:
-        with open_model(first / f"model-{quant}.gguf", threads=2) as (scorer, tokenizer):
-            files[quant] = _preferred(score_pairs(scorer, tokenizer, pairs, quant, False))
+    tokenizer = AutoTokenizer.from_pretrained(str(root / "hf"))
+    hf = AutoModelForCausalLM.from_pretrained(str(root / "hf"), dtype=torch.float32).eval()
+    merged = _reference(pairs, tokenizer, hf=hf)
+    files = {quant: _reference(pairs, tokenizer, gguf=first / f"model-{quant}.gguf") for quant in QUANTS}
     kept = [i for i in range(len(rows)) if merged[i] == files["f16"][i] == files["q8_0"][i]]
     flipped = [i for i in kept if files["q4_k_m"][i] != merged[i]][:6]
     agreed = [i for i in kept if files["q4_k_m"][i] == merged[i]][:30]

@@ -222,12 +222,16 @@ def _compat():
 
 def test_make_compat_reads_requires_python_from_pypi_and_refuses_an_older_interpreter(tmp_path, monkeypatch, capsys):
     """`make compat` never forces an install past Requires-Python. It reads each release's from
-    PyPI's index (Axolotl 0.21.0: >=3.12); given an interpreter older than the release requires, it
-    says so in one line, exits 2, and builds nothing."""
+    PyPI's index (recorded in tests/data on 2026-12-06, so the test never touches the network:
+    Axolotl 0.21.0 requires >=3.12); given an interpreter older than the release requires, it says
+    so in one line, exits 2, and builds nothing."""
     compat = _compat()
-    assert compat.axolotl_release("0.21.0") == ("0.21.0", ">=3.12")
-    newest, _ = compat.axolotl_release(None)
-    assert Version(newest) >= Version("0.21.0")
+    files = json.loads((ROOT / "tests" / "data" / "pypi-axolotl-simple.json").read_text())["files"]
+    assert compat.release_from_index(files, "0.21.0") == ("0.21.0", ">=3.12")
+    assert compat.release_from_index(files, "0.19.0")[0] == "0.19.0"
+    assert Version(compat.release_from_index(files, None)[0]) >= Version("0.21.0")
+    with pytest.raises(SystemExit):
+        compat.release_from_index(files, "0.0.1")
 
     version = ".".join(map(str, sys.version_info[:3]))
     monkeypatch.setattr(compat, "axolotl_release", lambda asked: ("9.0.0", f">{version}"))

@@ -7,7 +7,7 @@ import subprocess
 
 from test_cli import BIN, _env
 
-from serve.plot import PANELS, plot
+from serve.plot import PANELS, log_history, plot
 
 HISTORY = [
     dict(
@@ -38,6 +38,8 @@ def test_plot_falls_back_to_the_newest_checkpoint_and_explains_an_empty_dir(tmp_
     for step, history in ((2, HISTORY[:2]), (10, HISTORY)):
         (tmp_path / f"checkpoint-{step}").mkdir()
         (tmp_path / f"checkpoint-{step}" / "trainer_state.json").write_text(json.dumps({"log_history": history}))
+    # checkpoint-10 is the newest, though "checkpoint-2" sorts after it as text
+    assert log_history(tmp_path) == HISTORY
     proc = subprocess.run(
         [str(BIN / "orpo"), "plot", str(tmp_path), "--out", str(tmp_path / "c.png")],
         env=_env(),

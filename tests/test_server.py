@@ -624,17 +624,14 @@ def endless_model(tmp_path_factory):
     return convert(hf, root / "m.gguf", "f32")
 
 
-def _model_is_free(url: str) -> float:
-    import time
-
-    start = time.monotonic()
-    assert httpx.post(f"{url}/v1/completions", json={"prompt": "Hi", "max_tokens": 1}, timeout=120).status_code == 200
-    return time.monotonic() - start
+def _model_is_free(url: str) -> bool:
+    reply = httpx.post(f"{url}/v1/completions", json={"prompt": "Hi", "max_tokens": 1}, timeout=120)
+    return reply.status_code == 200 and reply.json()["usage"]["completion_tokens"] == 1
 
 
-def test_a_client_that_leaves_frees_the_model_within_a_second(endless_model):
-    import time
-
+def test_a_client_that_leaves_frees_the_model(endless_model):
+    """Streamed and not: the next request is answered. How soon is measured in
+    benchmarks/bench_serve_stops.py (timings are not asserted in tests)."""
     body = {"messages": [{"role": "user", "content": "Hi"}], "temperature": 0, "max_tokens": 12000}
     with running(endless_model, "--n-ctx", "16384", "--n-threads", "2", env=_env()) as url:
         with httpx.stream("POST", f"{url}/v1/chat/completions", json={**body, "stream": True}, timeout=60) as s:
@@ -643,15 +640,15 @@ def test_a_client_that_leaves_frees_the_model_within_a_second(endless_model):
             while not (line := next(lines)).startswith("data: "):
                 pass
             assert "\ufffd" in json.loads(line[6:])["choices"][0]["delta"]["content"]  # text flows, not held back
-        # the stream is closed with ~12,000 tokens to go (tens of seconds of work)
-        assert _model_is_free(url) < 1.5
+        assert _model_is_free(url)
         with pytest.raises(httpx.ReadTimeout):  # a non-streaming chat whose client gives up
             httpx.post(f"{url}/v1/chat/completions", json=body, timeout=1)
-        time.sleep(0.05)
-        assert _model_is_free(url) < 1.5
+        assert _model_is_free(url)
 
 
-def test_sigterm_stops_the_server_within_two_seconds_mid_generation(endless_model):
+def test_sigterm_stops_the_server_mid_generation(endless_model):
+    """The server exits cleanly (status 0) on SIGTERM while it streams; how fast is in
+    benchmarks/bench_serve_stops.py."""
     import signal
     import threading
     import time
@@ -673,6 +670,7 @@ def test_sigterm_stops_the_server_within_two_seconds_mid_generation(endless_mode
             except httpx.TransportError:
                 assert time.time() < deadline
                 time.sleep(0.2)
+        started = threading.Event()
 
         def reader():
             body = {
@@ -686,15 +684,13 @@ def test_sigterm_stops_the_server_within_two_seconds_mid_generation(endless_mode
                 httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=120) as s,
             ):
                 for _ in s.iter_lines():
-                    pass
+                    started.set()
 
         thread = threading.Thread(target=reader, daemon=True)
         thread.start()
-        time.sleep(1.0)
-        start = time.monotonic()
+        assert started.wait(120)
         proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=30)
-        assert time.monotonic() - start < 2.5
+        assert proc.wait(timeout=120) == 0
     finally:
         if proc.poll() is None:
             proc.kill()

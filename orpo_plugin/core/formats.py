@@ -12,16 +12,17 @@ from dataclasses import dataclass
 from typing import Any
 
 from orpo_plugin.core import registry
+from orpo_plugin.core.errors import OrpoError
 from orpo_plugin.core.hookspecs import hookimpl
 
 ROLES = ("system", "user", "assistant")
 
 
-class OrpoDataError(ValueError):
+class OrpoDataError(OrpoError, ValueError):
     """Bad input data: the message names the dataset, the row, the field and the fix."""
 
 
-class BadRow(ValueError):
+class BadRow(OrpoError, ValueError):
     """A row that cannot be trained on. `reason` is a stable code used in skip summaries."""
 
     def __init__(self, field: str, reason: str, detail: str):
@@ -125,9 +126,12 @@ def check_prompt_order(prompt: list[dict], field: str) -> list[dict]:
 def answer(row: Mapping, field: str, prompt: list[dict] | None = None) -> str:
     """A response given as text, as one assistant message, or as a conversation whose last
     turn is the answer (its earlier turns must then equal the prompt)."""
-    if not isinstance(row.get(field), list):
+    value = row.get(field)
+    if isinstance(value, Mapping):  # one message: {"role": "assistant", "content": ...}
+        value = [value]
+    if not isinstance(value, list):
         return text(row, field)
-    convo = messages(row[field], field)
+    convo = messages(value, field)
     if convo[-1]["role"] != "assistant":
         raise BadRow(field, "not_assistant_last", REASONS["not_assistant_last"])
     if len(convo) > 1 and prompt is not None and convo[:-1] != prompt:

@@ -18,6 +18,7 @@ import gguf
 import numpy as np
 
 from orpo_plugin.core import registry
+from orpo_plugin.core.errors import OrpoError
 from orpo_plugin.core.hookspecs import hookimpl
 
 
@@ -32,7 +33,7 @@ class Architecture:
     transform: Callable[[str, np.ndarray], np.ndarray] | None = None
 
 
-class UnsupportedConfig(ValueError):
+class UnsupportedConfig(OrpoError, ValueError):
     """A config.json setting that llama.cpp would run differently from transformers."""
 
 

@@ -13,12 +13,14 @@ from pathlib import Path
 
 import numpy as np
 
+from orpo_plugin.core.errors import OrpoError
+
 # safetensors dtype -> (numpy dtype as stored, bytes per element); BF16 is read as uint16 and widened.
 DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "F64": np.float64}
 INDEX = "model.safetensors.index.json"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(OrpoError, ValueError):
     pass
 
 

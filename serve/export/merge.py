@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from orpo_plugin.core.errors import OrpoError
 from serve.export.checkpoint import Checkpoint, CheckpointError, Entry, read_header, read_rows
 
 PREFIX = "base_model.model."
@@ -29,7 +30,7 @@ EMBED_SUFFIX = "embed_tokens.weight"
 LM_HEAD = "lm_head.weight"
 
 
-class MergeError(ValueError):
+class MergeError(OrpoError, ValueError):
     pass
 
 

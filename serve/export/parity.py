@@ -57,13 +57,12 @@ def sample_texts(tokenizer) -> list[str]:
 
 
 def same_tokens(path: Path, tokenizer, texts: list[str]) -> bool:
-    from serve.llama import vocabulary
+    """llama.cpp (in a child process: serve.export.isolated) tokenizes the texts as the tokenizer does."""
+    from serve.export.isolated import Child
 
-    with vocabulary(path) as tokenize:
-        return all(
-            tokenize(t.encode(), add_bos=True, special=True) == tokenizer(t, add_special_tokens=True)["input_ids"]
-            for t in texts
-        )
+    with Child(path) as child:
+        found = child.call("tokenizing", str(path), texts)
+    return all(ids == tokenizer(t, add_special_tokens=True)["input_ids"] for ids, t in zip(found, texts))
 
 
 # -- tensors -------------------------------------------------------------------------------------
@@ -188,31 +187,74 @@ def _long_check(kl: np.ndarray, quant: str) -> dict:
     }
 
 
-def logits(source, tokenizer, texts: list[str], gguf_paths: dict[str, Path], threads: int, hf=None) -> dict:
-    """Next-token log-probs of each GGUF against the merged model (hf: it, already built): {quant:
-    {max_abs_logprob_diff, mean_kl, long}}."""
-    import torch
+CHUNK_BYTES = 64 << 20  # float64 log-probs of one window of rows, per model, held at a time
 
-    from serve.llama import KVCache, opened
+
+def chunk_rows(vocab: int) -> int:
+    """Rows of full-vocabulary log-probs in one window of CHUNK_BYTES (at least one)."""
+    return max(1, CHUNK_BYTES // (8 * vocab))
+
+
+class Reference:
+    """The merged model's next-token log-probs of one sequence, a window of rows at a time: the
+    decoder runs once (hidden states are small), the head and log-softmax per window."""
+
+    def __init__(self, hf, ids: list[int]):
+        import torch
+
+        self.ids = ids
+        with torch.no_grad():
+            self.hidden = hf.get_decoder()(input_ids=torch.tensor([ids])).last_hidden_state[0]
+        self.head = hf.get_output_embeddings()
+        self.cap = getattr(hf.config.get_text_config(), "final_logit_softcapping", None)
+
+    def window(self, start: int, stop: int) -> np.ndarray:
+        import torch
+
+        with torch.no_grad():
+            logits = self.head(self.hidden[start:stop]).double()
+            if self.cap:  # as the model's own forward does (Gemma 2)
+                logits = torch.tanh(logits / self.cap) * self.cap
+        return log_softmax(logits).numpy()
+
+
+def _compare(child, reference: Reference, step: int) -> tuple[np.ndarray, float]:
+    """Per-position KL(merged || GGUF) and the largest log-prob difference, window by window."""
+    child.call("clearing")
+    kls, max_abs = [], 0.0
+    for start in range(0, len(reference.ids), step):
+        stop = min(start + step, len(reference.ids))
+        want = reference.window(start, stop)
+        ours = log_softmax(child.call("decoding", reference.ids[start:stop]).astype(np.float64))
+        max_abs = max(max_abs, float(np.abs(ours - want).max()))
+        kls.append((np.exp(want) * (want - ours)).sum(-1))
+    return np.concatenate(kls), max_abs
+
+
+def logits(source, tokenizer, texts: list[str], gguf_paths: dict[str, Path], threads: int, hf=None) -> dict:
+    """Next-token log-probs of each GGUF (decoded in a child process) against the merged model (hf:
+    it, already built), window by window: {quant: {max_abs_logprob_diff, mean_kl, long}}, or
+    {quant: {error}} where llama.cpp stopped on the file."""
+    from serve.export.isolated import Child, LlamaAbort
 
     hf = hf or reference_model(source)
-    encoded = [tokenizer(t, add_special_tokens=True)["input_ids"] for t in texts]
-    long_ids = _long_ids(tokenizer, hf.config.max_position_embeddings)
-    with torch.no_grad():
-        reference = [log_softmax(hf(torch.tensor([ids])).logits[0].double()).numpy() for ids in encoded]
-        long_reference = log_softmax(hf(torch.tensor([long_ids])).logits[0].double()).numpy()
-    del hf
+    long_ids = _long_ids(tokenizer, hf.config.get_text_config().max_position_embeddings)
+    references = [Reference(hf, tokenizer(t, add_special_tokens=True)["input_ids"]) for t in texts]
+    references.append(Reference(hf, long_ids))
+    step = min(512, chunk_rows(hf.get_output_embeddings().weight.shape[0]))
     out = {}
     for name, path in gguf_paths.items():
-        with opened(path, n_ctx=max(512, len(long_ids)), threads=threads) as llm:
-            cache, max_abs, kls = KVCache(llm), 0.0, []
-            for ids, ref in zip(encoded, reference):
-                cache.clear()
-                ours = log_softmax(cache.decode(ids, every_row=True).astype(np.float64))
-                max_abs = max(max_abs, float(np.abs(ours - ref).max()))
-                kls.append(float((np.exp(ref) * (ref - ours)).sum(-1).mean()))
-            cache.clear()
-            ours = log_softmax(cache.decode(long_ids, every_row=True).astype(np.float64))
-        long = _long_check((np.exp(long_reference) * (long_reference - ours)).sum(-1), name)
-        out[name] = {"max_abs_logprob_diff": max_abs, "mean_kl": float(np.mean(kls)), "long": long}
+        try:
+            with Child(path) as child:
+                child.call("loading", str(path), max(512, len(long_ids)), threads, step)
+                found = [_compare(child, reference, step) for reference in references]
+        except LlamaAbort as err:
+            out[name] = {"error": str(err)}
+            continue
+        short = found[:-1]
+        out[name] = {
+            "max_abs_logprob_diff": max((m for _, m in short), default=0.0),
+            "mean_kl": float(np.mean([kl.mean() for kl, _ in short])) if short else 0.0,
+            "long": _long_check(found[-1][0], name),
+        }
     return out

@@ -20,13 +20,15 @@ from pathlib import Path
 from tqdm import tqdm
 
 from orpo_plugin.core.atomic import remove_stale, scratch_path, write_json
+from orpo_plugin.core.errors import OrpoError
 from orpo_plugin.core.tokenize import special_prefix
-from serve.export import memory, parity, preference
+from serve.export import isolated, memory, parity, preference
 from serve.export.checkpoint import CheckpointError, model_directory, parameters
 from serve.export.convert import OUT_TYPES, F16RangeError, convert
 from serve.export.merge import merged
 from serve.export.modelfile import write_modelfile
 from serve.export.quantize import BITS, QUANT_TYPES, quantize
+from serve.export.vocabulary import check_tokenizer
 
 PREFERRED_FOR_MODELFILE = ("q4_k_m", "q5_k_m", "q8_0", "f16")
 OWN_FILES = ("Modelfile", "export_report.json")
@@ -34,7 +36,7 @@ INTERMEDIATE = ".intermediate.gguf"
 GiB = parity.GiB
 
 
-class ExportError(ValueError):
+class ExportError(OrpoError, ValueError):
     pass
 
 
@@ -97,17 +99,17 @@ class Stages:
 
     @contextlib.contextmanager
     def __call__(self, name: str):
-        """Yields a dict; a stage whose work runs in a child process puts the child's peak in it."""
+        """Yields a dict; a stage whose work runs in a child process while this one waits (the
+        quantizer) puts the child's peak in it. The checks' llama.cpp children run beside this
+        process's own work: their peak is added to it."""
         self.progress(name)
         memory.reset_peak()
+        isolated.take_peak()
         start, child = time.perf_counter(), {}
         yield child
+        peak = max(memory.peak_rss(), child.get("peak_rss", 0)) + isolated.take_peak()
         self.rows.append(
-            {
-                "stage": name,
-                "seconds": round(time.perf_counter() - start, 2),
-                "peak_rss_mib": round(max(memory.peak_rss(), child.get("peak_rss", 0)) / 2**20),
-            }
+            {"stage": name, "seconds": round(time.perf_counter() - start, 2), "peak_rss_mib": round(peak / 2**20)}
         )
 
 
@@ -137,6 +139,9 @@ def export(
         source = merged(model_directory(base), adapter)
     except CheckpointError as err:
         raise ExportError(str(err)) from None
+    tokenizer = _tokenizer(source)
+    check_tokenizer(tokenizer, source.tokenizer_dir)
+    context = preference.preflight(tokenizer, eval_pairs, _positions(source)) if eval_pairs else None
     direct = [q for q in quants if q in OUT_TYPES]
     kquants = [q for q in quants if q not in OUT_TYPES]
     reference = next((q for q in ("f16", "bf16") if q in direct), None)
@@ -171,9 +176,6 @@ def export(
                     tensors[quant] = parity.tensor_summary(
                         errors, quant, f"{reference} GGUF, 1 in {parity.SAMPLE_EVERY} row slices"
                     )
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(str(source.tokenizer_dir))
         # The merged model in transformers, built once for the logits check and the preference check.
         hf = parity.reference_model(source) if eval_pairs and parity.logits_left_out(source) is None else None
         report = _check(source, tokenizer, files, tensors, threads, stages, hf)
@@ -181,7 +183,9 @@ def export(
         chosen = next((q for q in PREFERRED_FOR_MODELFILE if q in files), quants[0])
         if eval_pairs:
             with stages(f"score {len(eval_pairs)} held-out pairs on the merged model and each file"):
-                report["preference"] = preference.check(source, tokenizer, files, eval_pairs, threads, hf)
+                report["preference"] = preference.check(
+                    source, tokenizer, files, eval_pairs, threads, hf, n_ctx=context
+                )
             del hf
             if keep_accuracy is not None:
                 chosen, line = preference.choose(report["preference"], written, keep_accuracy)
@@ -215,6 +219,24 @@ def export(
     return report
 
 
+def _tokenizer(source):
+    """The merged model's tokenizer (the base's or the adapter's), loaded before anything is written."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(source.tokenizer_dir))
+    except (OSError, ValueError, TypeError) as err:
+        raise ExportError(
+            f"{source.tokenizer_dir}: transformers cannot load its tokenizer ({' '.join(str(err).split())[:300]}); "
+            f"the export needs tokenizer.json or tokenizer.model with tokenizer_config.json there"
+        ) from None
+
+
+def _positions(source) -> int | None:
+    """The positions the model was built for (its config's max_position_embeddings), if it says."""
+    return (source.config.get("text_config") or source.config).get("max_position_embeddings")
+
+
 def _intermediate(source, path: Path, stages, tensors: dict) -> tuple[Path, str]:
     """The f16 GGUF the K-quants are made from (bf16 where a tensor exceeds f16's range)."""
     for kind in ("f16", "bf16"):
@@ -237,13 +259,17 @@ def _check(source, tokenizer, files: dict[str, Path], tensors: dict, threads: in
     with stages("check tokens" + (" and logits against the merged model" if fits else "")):
         found = parity.logits(source, tokenizer, texts, files, threads, hf) if fits else {}
         for quant, path in files.items():
-            model = {"tokens_identical": parity.same_tokens(path, tokenizer, texts), "tensors_ok": tensors[quant]["ok"]}
-            if quant in found:
-                model.update(
-                    found[quant], ok=model["tokens_identical"] and found[quant]["long"]["ok"] and model["tensors_ok"]
-                )
-            else:
-                model["ok"] = model["tokens_identical"] and model["tensors_ok"]
+            model = {"tensors_ok": tensors[quant]["ok"], **found.get(quant, {})}
+            try:
+                model["tokens_identical"] = parity.same_tokens(path, tokenizer, texts)
+            except isolated.LlamaAbort as err:
+                model.update(tokens_identical=False, error=model.get("error", str(err)))
+            model["ok"] = (
+                "error" not in model
+                and model["tokens_identical"]
+                and model["tensors_ok"]
+                and model.get("long", {}).get("ok", True)
+            )
             report["models"][quant] = model
     report["logits"] = {"checked": True} if fits else {"checked": False, "why": left_out}
     return report
@@ -279,9 +305,16 @@ def stage_table(report: dict) -> str:
 
 def failures(report: dict) -> list[str]:
     """One line per GGUF that does not behave like the merged model."""
-    out = []
+    out = [
+        f"{m['error']}; its preference check did not run"
+        for m in report["preference"].get("models", {}).values()
+        if "error" in m
+    ]
     for quant, m in report["models"].items():
         path, t = report["files"][quant]["path"], report["tensors"][quant]
+        if "error" in m:
+            out.append(f"{m['error']}; its token and logits checks did not run")
+            continue
         if not m["tokens_identical"]:
             out.append(f"{path}: llama.cpp tokenizes the sample texts differently from the model's tokenizer")
         if not t["ok"]:

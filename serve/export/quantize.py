@@ -21,6 +21,7 @@ import llama_cpp
 from tqdm import tqdm
 
 from orpo_plugin.core.atomic import atomic_path
+from orpo_plugin.core.errors import OrpoError
 from serve.export.memory import peak_rss
 from serve.llama import default_threads
 
@@ -75,7 +76,7 @@ def most_precise_first(quants) -> list[str]:
     return sorted(quants, key=lambda quant: -BITS[quant])
 
 
-class QuantizeError(ValueError):
+class QuantizeError(OrpoError, ValueError):
     pass
 
 

@@ -13,8 +13,10 @@ from collections.abc import Callable
 import gguf
 import numpy as np
 
+from orpo_plugin.core.errors import OrpoError
 
-class RopeError(ValueError):
+
+class RopeError(OrpoError, ValueError):
     pass
 
 

@@ -15,12 +15,13 @@ from pathlib import Path
 from fastapi import Request
 from starlette.concurrency import run_in_threadpool
 
+from orpo_plugin.core.errors import OrpoError
 from serve import llama
 from serve.scoring import SEQUENCES, LlamaCppScorer
 from serve.tokenizer import GGUFTokenizer
 
 
-class ServeError(ValueError):
+class ServeError(OrpoError, ValueError):
     """llama.cpp cannot load the model; exits the CLI with a message."""
 
 

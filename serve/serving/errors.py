@@ -12,6 +12,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
+from orpo_plugin.core.errors import OrpoError
 from serve.scoring import ScoreError
 from serve.serving import api
 
@@ -19,7 +20,7 @@ from serve.serving import api
 RESPONSES = {status: {"model": api.Error} for status in (400, 401, 408, 413, 415, 422)}
 
 
-class RequestError(ValueError):
+class RequestError(OrpoError, ValueError):
     def __init__(self, status: int, message: str, param: str | None = None):
         super().__init__(message)
         self.status, self.message, self.param = status, message, param

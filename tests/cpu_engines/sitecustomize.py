@@ -5,12 +5,16 @@ Accelerate selects FSDP or DeepSpeed only for GPU-like distributed types; on a C
 falls back to gloo DDP and wraps a ZeRO-3-partitioned or FSDP-planned model in DDP instead. Axolotl
 builds its FSDP device mesh for "cuda". Both are device checks, not engine logic: this shim changes
 those (the distributed type after AcceleratorState's own setup, the mesh's device type), plus one
-gloo-only step of ZeRO-1/2 (below), and nothing else. The rest — Axolotl's config handling, model
+gloo-only step of ZeRO-1/2 and the build of an all-reduce kernel gloo ranks never use (below), and
+nothing else. The rest — Axolotl's config handling, model
 loading under zero.Init, Accelerate's fully_shard / deepspeed.initialize, the engines' hooks,
 saving — runs as on GPUs.
 """
 
+import importlib.abc
+import importlib.util
 import os
+import sys
 
 import torch
 
@@ -45,6 +49,30 @@ if not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
                         part.copy_(values)
 
         stage_1_and_2.all_gather_dp_groups = all_gather_dp_groups
+
+    class _NoSharedMemoryAllReduce(importlib.abc.MetaPathFinder):
+        """DeepSpeed's CPU backend JIT-compiles a shared-memory all-reduce (ninja, into
+        ~/.cache/torch_extensions, under a file lock) whenever it sets up its process group, and
+        uses it only where LOCAL_SIZE is set, which torchrun does not set. A rank killed while it
+        held that lock left every later DeepSpeed run on the machine waiting for it, before any
+        training: deepspeed.comm.torch's build_shm_op is replaced, as the module loads, by one that
+        builds nothing (DeepSpeed then uses plain torch.distributed, as it does without the op)."""
+
+        def find_spec(self, name, path=None, target=None):
+            if name != "deepspeed.comm.torch":
+                return None
+            sys.meta_path.remove(self)
+            spec = importlib.util.find_spec(name)
+            load = spec.loader.exec_module
+
+            def exec_module(module):
+                load(module)
+                module.build_shm_op = lambda: None
+
+            spec.loader.exec_module = exec_module
+            return spec
+
+    sys.meta_path.insert(0, _NoSharedMemoryAllReduce())
 
     _init = _state.AcceleratorState.__init__
 
