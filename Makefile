@@ -80,6 +80,7 @@ bench: setup
 	$(RUN) $(BIN)/python benchmarks/bench_prefix_sharing.py
 	$(RUN) $(BIN)/python benchmarks/bench_export.py
 	$(RUN) $(BIN)/python benchmarks/bench_export_scale.py
+	$(RUN) $(BIN)/python benchmarks/bench_logits_check.py
 	$(RUN) $(BIN)/python benchmarks/bench_serve.py
 	$(RUN) $(BIN)/python benchmarks/bench_serve_stops.py
 	$(RUN) $(BIN)/python benchmarks/bench_orpo_vs_sft.py

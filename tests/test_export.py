@@ -248,6 +248,35 @@ def test_a_damaged_tensor_fails_the_check(model_dirs, tmp_path, monkeypatch):
     )
 
 
+def test_an_abort_in_llama_cpp_fails_that_files_checks_and_the_report_is_still_written(
+    model_dirs, tmp_path, monkeypatch
+):
+    """A byte-level vocabulary written as SentencePiece (what the converter did with the tokenizer
+    transformers' GGUF loader writes): llama.cpp aborts the process that loads it ("SPM vocabulary,
+    but newline token not found", SIGABRT). The checks run in a child, so the export goes on: the
+    file's checks fail with llama.cpp's own words, and the report is written."""
+    from orpo_plugin.core.rows import load_pairs
+    from serve.export import vocabulary
+    from serve.export.pipeline import export
+
+    monkeypatch.setitem(vocabulary.WRITERS, "byte-level", vocabulary._write_sentencepiece_bpe)
+    out = tmp_path / "out"
+    pairs = tiny.arithmetic_pairs(2, seed=1)
+    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(row) + "\n" for row in pairs))
+    held_out = load_pairs(tmp_path / "pairs.jsonl")
+    report = export(model_dirs["llama"], None, out, ["f16"], progress=lambda m: None, eval_pairs=held_out)
+    model = report["models"]["f16"]
+    assert model["ok"] is False and not model["tokens_identical"]
+    assert "newline token" in model["error"] and "signal 6" in model["error"], model["error"]
+    assert model["error"].startswith(f"{out / 'model-f16.gguf'}: llama.cpp stopped while")
+    assert "error" in report["preference"]["models"]["f16"]
+    scoring, tokens = report["failed_checks"]
+    assert tokens == model["error"] and scoring.endswith("unordered_map::at (signal 6) (in the preference check)")
+    assert scoring.startswith(f"{out / 'model-f16.gguf'}: llama.cpp stopped while scoring: ")
+    assert json.loads((out / "export_report.json").read_text())["failed_checks"] == report["failed_checks"]
+    assert (out / "Modelfile").is_file()
+
+
 @pytest.mark.parametrize("arch", ["llama", "llama-tied", "mistral", "qwen2", "qwen3", "gemma3"])
 def test_a_random_lora_on_each_fixture_is_merged_and_exported_faithfully(arch, model_dirs, tmp_path):
     from serve.export.pipeline import export

@@ -232,6 +232,7 @@ def test_make_compat_reads_requires_python_from_pypi_and_refuses_an_older_interp
     assert Version(compat.release_from_index(files, None)[0]) >= Version("0.21.0")
     with pytest.raises(SystemExit):
         compat.release_from_index(files, "0.0.1")
+    assert capsys.readouterr().err.startswith("compat: axolotl 0.0.1 is not on PyPI; releases: ")
 
     version = ".".join(map(str, sys.version_info[:3]))
     monkeypatch.setattr(compat, "axolotl_release", lambda asked: ("9.0.0", f">{version}"))

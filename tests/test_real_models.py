@@ -80,6 +80,18 @@ def test_gemma3_270m_exports_f16_q8_0_and_q4_k_m_with_every_check_passing(gemma3
     )
 
 
+def test_gemma3_export_peak_memory_stays_within_2_gib_of_the_larger_model(gemma3_export):
+    """A 262,144-token vocabulary: the logits check streams one window of full-vocabulary log-probs
+    per model, so the whole export (each stage's peak, llama.cpp's children included) stays within
+    2 GiB of the larger of the f16 file and the merged model in fp32 (which the check builds)."""
+    from serve.export.checkpoint import Checkpoint, parameters
+
+    _, report = gemma3_export
+    fp32 = parameters(Checkpoint(real_models.gemma3())) * 4
+    peak = max(stage["peak_rss_mib"] for stage in report["stages"]) << 20
+    assert peak <= max(report["files"]["f16"]["bytes"], fp32) + (2 << 30), (peak / 2**30, fp32 / 2**30)
+
+
 def test_gemma3_export_reproduces_the_original_gguf(gemma3_export):
     """The round trip original q4_k_m GGUF -> transformers (dequantized) -> our GGUFs holds the same
     weights up to f16 rounding of the dequantized values: our q4_k_m has the original's tensor types,

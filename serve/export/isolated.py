@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 import struct
 import subprocess
 import sys
@@ -20,6 +21,7 @@ from pathlib import Path
 from orpo_plugin.core.errors import OrpoError
 
 _HEADER = struct.Struct("<Q")
+LOG_LINE = re.compile(r"^[a-z_]+: ")  # llama.cpp's own log lines: "load: ...", "llama_model_load: ..."
 _peaks: list[int] = []
 
 
@@ -45,12 +47,16 @@ def _receive(stream):
 
 
 def last_word(log: str, status: int) -> str:
-    """llama.cpp's reason: the last line that says something (not a backtrace frame or a blank)."""
-    lines = [line.strip() for line in log.splitlines() if line.strip()]
-    skip = ("#", "[New LWP", "[Thread", "[Inferior", "Using host libthread_db", "warning: process", "0x")
-    said = [line for line in lines if not line.startswith(skip) and "ptrace" not in line]
+    """llama.cpp's last log line ("load: ...", "llama_model_load: ...") and the reason it stopped
+    (a C++ exception's what(), a GGML_ASSERT), without the backtrace gdb may have printed."""
+    # a log line llama.cpp left without its newline runs into what gdb printed next
+    lines = [line.split(" warning: ")[0].split("warning: File")[0].strip() for line in log.splitlines()]
+    lines = [line for line in lines if line]
+    reason = next((line.split("what():", 1)[1].strip() for line in reversed(lines) if "what():" in line), None)
+    reason = reason or next((line for line in reversed(lines) if "GGML_ASSERT" in line), None)
+    logged = next((line for line in reversed(lines) if LOG_LINE.match(line) and line != reason), None)
     how = f"signal {-status}" if status < 0 else f"exit status {status}"
-    return f"{said[-1]} ({how})" if said else how
+    return "; ".join(part for part in (logged, reason) if part) + f" ({how})" if logged or reason else how
 
 
 class Child:

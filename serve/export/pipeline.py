@@ -306,14 +306,14 @@ def stage_table(report: dict) -> str:
 def failures(report: dict) -> list[str]:
     """One line per GGUF that does not behave like the merged model."""
     out = [
-        f"{m['error']}; its preference check did not run"
+        f"{m['error']} (in the preference check)"
         for m in report["preference"].get("models", {}).values()
         if "error" in m
     ]
     for quant, m in report["models"].items():
         path, t = report["files"][quant]["path"], report["tensors"][quant]
         if "error" in m:
-            out.append(f"{m['error']}; its token and logits checks did not run")
+            out.append(m["error"])
             continue
         if not m["tokens_identical"]:
             out.append(f"{path}: llama.cpp tokenizes the sample texts differently from the model's tokenizer")

@@ -18,7 +18,8 @@ MARGIN = 16  # tokens a GGUF's tokenizer may add over the model's own on one pai
 
 def preflight(tokenizer, pairs: list, limit: int | None) -> int:
     """Before anything is written: every held-out pair tokenizes as training tokenized it and fits
-    the model (limit: its max_position_embeddings, when known). Returns the scoring context."""
+    the model (limit: its max_position_embeddings, when known). Returns the scoring context: the
+    longest pair and a margin, at least CONTEXT, at most the limit."""
     need = 0
     for i, pair in enumerate(pairs):
         try:
@@ -38,7 +39,7 @@ def preflight(tokenizer, pairs: list, limit: int | None) -> int:
                 f"(max_position_embeddings); shorten it, leave it out, or lower --eval-limit"
             )
         need = max(need, tokens)
-    return max(CONTEXT, need + MARGIN)
+    return min(max(CONTEXT, need + MARGIN), limit or float("inf"))
 
 
 def check(
