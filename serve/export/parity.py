@@ -146,18 +146,30 @@ def logits_left_out(source) -> str | None:
 
 
 def reference_model(source):
-    """The merged model in transformers, fp32, its weights read from the (merged) checkpoint."""
+    """The merged model in transformers, fp32, its weights read from the (merged) checkpoint a slice
+    of rows at a time into parameters left uninitialised: memory holds the model once, not also a
+    random initialisation and a state dict."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.initialization import no_init_weights
 
     config = {k: v for k, v in source.config.items() if k not in ("torch_dtype", "dtype", "transformers_version")}
-    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**config), dtype=torch.float32)
-    state = {name: torch.from_numpy(source.rows(name)) for name in source.names()}
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    with no_init_weights():
+        model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**config), dtype=torch.float32)
+    state = model.state_dict()
+    names = set(source.names())
+    missing, unexpected = sorted(set(state) - names), sorted(names - set(state))
     if unexpected or set(missing) - {"lm_head.weight"}:
         raise RuntimeError(
             f"the reference model does not take the checkpoint's tensors: missing {missing}, unexpected {unexpected}"
         )
+    with torch.no_grad():
+        for name in names:
+            target = state[name]  # shares its parameter's memory
+            step = max(1, (16 << 20) // (4 * target[0].numel()))  # rows of about 16 MiB
+            for start in range(0, target.shape[0], step):
+                rows = target[start : start + step]
+                rows.copy_(torch.from_numpy(source.rows(name, start, start + step)).reshape(rows.shape))
     if missing:
         model.tie_weights()
     return model.eval()
@@ -187,7 +199,7 @@ def _long_check(kl: np.ndarray, quant: str) -> dict:
     }
 
 
-CHUNK_BYTES = 64 << 20  # float64 log-probs of one window of rows, per model, held at a time
+CHUNK_BYTES = 16 << 20  # float64 log-probs of one window of rows, per model, held at a time
 
 
 def chunk_rows(vocab: int) -> int:
