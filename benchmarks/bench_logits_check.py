@@ -58,6 +58,14 @@ def _env(tree: Path) -> dict:
     return dict(offline_env(), PYTHONPATH=str(tree), **{"HOME": os.environ.get("HOME", "/root")})
 
 
+def _cpu() -> str:
+    """The CPU's model name (every speed figure names it)."""
+    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.machine()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--before", default=BEFORE, help="git revision of the check to compare against")
@@ -74,7 +82,7 @@ def main() -> None:
             rows = {f"before ({args.before})": measure(before), "streamed (this tree)": measure(ROOT)}
         finally:
             subprocess.run([*git, "remove", "--force", str(before)], check=True)
-    print(f"CPU: {platform.processor() or platform.machine()}; Gemma 3 270M, f16, 262,144-token vocabulary")
+    print(f"CPU: {_cpu()}; Gemma 3 270M, f16, 262,144-token vocabulary")
     print("| check | check stage s | check stage peak GiB | export peak GiB | mean KL (f16) |")
     print("|---|---|---|---|---|")
     for name, r in rows.items():
