@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+from machine import cpu_name  # benchmarks/machine.py
 
 ROOT = Path(__file__).resolve().parents[1]
 BEFORE = "4400444"  # main before the streamed check (issue 29)
@@ -58,14 +59,6 @@ def _env(tree: Path) -> dict:
     return dict(offline_env(), PYTHONPATH=str(tree), **{"HOME": os.environ.get("HOME", "/root")})
 
 
-def _cpu() -> str:
-    """The CPU's model name (every speed figure names it)."""
-    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.machine()
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--before", default=BEFORE, help="git revision of the check to compare against")
@@ -82,7 +75,7 @@ def main() -> None:
             rows = {f"before ({args.before})": measure(before), "streamed (this tree)": measure(ROOT)}
         finally:
             subprocess.run([*git, "remove", "--force", str(before)], check=True)
-    print(f"CPU: {_cpu()}; Gemma 3 270M, f16, 262,144-token vocabulary")
+    print(f"CPU: {cpu_name()}; Gemma 3 270M, f16, 262,144-token vocabulary")
     print("| check | check stage s | check stage peak GiB | export peak GiB | mean KL (f16) |")
     print("|---|---|---|---|---|")
     for name, r in rows.items():

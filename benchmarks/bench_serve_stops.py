@@ -14,7 +14,6 @@ of 12,000 tokens is tens of seconds of work. Run: python benchmarks/bench_serve_
 from __future__ import annotations
 
 import contextlib
-import platform
 import random
 import signal
 import subprocess
@@ -25,6 +24,7 @@ import time
 from pathlib import Path
 
 import httpx
+from machine import cpu_name  # benchmarks/machine.py
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))  # the test fixtures (tiny models)
@@ -116,14 +116,6 @@ def chat_during_a_batch(model: Path) -> dict:
     return {"score request alone s": alone, "chat answered at s": chat_at, "share": chat_at / (done["at"] - start)}
 
 
-def _cpu() -> str:
-    """The CPU's model name (every speed figure names it)."""
-    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.machine()
-
-
 def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
@@ -134,7 +126,7 @@ def main() -> None:
         endless = convert(hf, root / "endless.gguf", "f32")
         tiny.build_model("llama", root / "small", tokenizer=tiny.build_tokenizer(None, bos_token="<|endoftext|>"))
         small = convert(root / "small", root / "small.gguf", "f32")
-        print(f"CPU: {_cpu()}")
+        print(f"CPU: {cpu_name()}")
         leaves = client_leaves(endless)
         for name, seconds in leaves.items():
             print(f"{name}: {seconds:.2f}")

@@ -249,10 +249,15 @@ class OrpoTrainer(TrainerPrivateAPI, AxolotlTrainer):
         tokenizer = processing_class
         max_length = getattr(args, "max_length", None)
         num_proc = getattr(args, "dataset_num_proc", None)
+        # The datasets a caller holds (Axolotl's evaluate passes them to evaluate() again) -> the split.
+        given = (("train", train_dataset), ("eval", eval_dataset))
+        self._split_of = {id(d): split for split, d in given if d is not None}
+        self._eval_prefix = "eval"
         if train_dataset is not None:
             train_dataset = _tokenized(train_dataset, tokenizer, max_length, num_proc, "training")
         if eval_dataset is not None:
             eval_dataset = _tokenized(eval_dataset, tokenizer, max_length, num_proc, "eval")
+        self._pairs = {"train": train_dataset, "eval": eval_dataset}
         self._pad_multiple = getattr(data_collator, "pad_to_multiple_of", None)
         data_collator = PairCollator(_pad_id(tokenizer), pad_to_multiple_of=self._pad_multiple)
         super().__init__(
@@ -288,6 +293,25 @@ class OrpoTrainer(TrainerPrivateAPI, AxolotlTrainer):
             collator = PairCollator(pad_id, pad_to_multiple_of=self._pad_multiple)
         # Axolotl swaps collators between train and eval; all are ours.
         self.data_collator = self.train_data_collator = self.eval_data_collator = collator
+
+    def use_pairs(self, train, evaluation) -> None:
+        """Evaluate on these tokenized pairs (the plugin's own pipeline, as training read them)
+        wherever a caller passes the datasets this trainer was built with."""
+        self._pairs = {"train": train, "eval": evaluation}
+        self.train_dataset, self.eval_dataset = train, evaluation
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
+        """Trainer.evaluate on the pairs: a dataset this trainer was built with is replaced by its
+        tokenized pairs (Axolotl's `evaluate` passes its untokenized rows again); the ORPO metrics
+        are logged under metric_key_prefix (Axolotl's `evaluate` asks for "train" and "eval")."""
+        split = self._split_of.get(id(eval_dataset))
+        if split is not None and self._pairs.get(split) is not None:
+            eval_dataset = self._pairs[split]
+        self._eval_prefix = metric_key_prefix
+        try:
+            return super().evaluate(eval_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
+        finally:
+            self._eval_prefix = "eval"
 
     # -- loss -------------------------------------------------------------------------
     def step_counts(self, batch_samples, device):
@@ -345,12 +369,11 @@ class OrpoTrainer(TrainerPrivateAPI, AxolotlTrainer):
         n_pairs, nll_sum, nll_tokens = values[len(odds.PAIR_SUMS) :]
         if n_pairs == 0:
             return {}
-        return odds.metrics_from_sums(
-            sums, n_pairs, nll_sum, nll_tokens, self.orpo.alpha, prefix="" if split == "train" else "eval_"
-        )
+        prefix = "" if split == "train" else f"{self._eval_prefix}_"
+        return odds.metrics_from_sums(sums, n_pairs, nll_sum, nll_tokens, self.orpo.alpha, prefix=prefix)
 
     def log(self, logs, start_time=None):
-        split = "train" if "loss" in logs else "eval" if "eval_loss" in logs else None
+        split = "train" if "loss" in logs else "eval" if f"{self._eval_prefix}_loss" in logs else None
         if split is None:
             return super().log(logs, start_time)
         logs.update(self.orpo_metrics(split))
@@ -361,11 +384,11 @@ class OrpoTrainer(TrainerPrivateAPI, AxolotlTrainer):
 
 
 class _ChosenPerplexity(dict):
-    """Log entries whose `ppl` / `eval_ppl` is the perplexity of the chosen answers, exp(nll_loss).
+    """Log entries whose `ppl` / `eval_ppl` (any `<prefix>_ppl`) is the perplexity of the chosen answers, exp(nll_loss).
     Axolotl's trainer writes exp(loss) there, and the ORPO loss is no log-likelihood."""
 
     def __setitem__(self, key, value):
-        nll = self.get(key.replace("ppl", "nll_loss")) if key in ("ppl", "eval_ppl") else None
+        nll = self.get(key.replace("ppl", "nll_loss")) if key == "ppl" or key.endswith("_ppl") else None
         if nll is not None:
             value = math.exp(nll) if nll < 700 else float("inf")
         super().__setitem__(key, value)

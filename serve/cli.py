@@ -23,6 +23,15 @@ def _interrupt(signum, frame):
     raise KeyboardInterrupt
 
 
+def _ctrl_c_interrupts() -> None:
+    """Ctrl-C (SIGINT) raises KeyboardInterrupt, which these commands handle, also where the process
+    started with SIGINT ignored (a job started in the background by a non-interactive shell, where
+    Python keeps the inherited SIG_IGN)."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 # What a package of each extra provides, for the one line that says what to install.
 EXTRA_OF = {"gguf": "serve", "llama_cpp": "serve", "fastapi": "serve", "uvicorn": "serve", "matplotlib": "serve"}
 EXTRA_OF |= {name: "train" for name in ("torch", "transformers", "peft", "accelerate", "safetensors", "axolotl")}
@@ -87,6 +96,7 @@ def _run_export(
 
     pairs = _held_out([eval_pairs] if eval_pairs else list(held_out), eval_limit, on_bad_row)
     signal.signal(signal.SIGTERM, _interrupt)  # like Ctrl-C: temporary files are removed on the way out
+    _ctrl_c_interrupts()
     try:
         report = export(
             base,
@@ -344,6 +354,7 @@ def chat(model, n_ctx, threads, max_tokens, temperature, system):
 
     check_gguf(model)
     check_version()
+    _ctrl_c_interrupts()
     run(model, n_ctx=n_ctx, threads=threads, max_tokens=max_tokens, temperature=temperature, system=system)
 
 

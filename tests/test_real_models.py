@@ -11,6 +11,9 @@ files they come from:
 
 from __future__ import annotations
 
+import json
+import subprocess
+
 import gguf
 import numpy as np
 import pytest
@@ -19,6 +22,7 @@ import real_tokenizers
 from gguf.quants import dequantize
 from test_reference import varied_corpus
 
+from orpo_demo.env import BIN, offline_env
 from orpo_demo.real_model import RealModelError, checkpoint_from_gguf, packaged_gguf, tokenizer_from_gguf
 from serve.llama import KVCache, opened, vocabulary
 
@@ -62,10 +66,19 @@ def test_gemma3_tokenizer_files_tokenize_as_llama_cpp_reads_the_original_gguf():
 
 @pytest.fixture(scope="module")
 def gemma3_export(tmp_path_factory):
-    from serve.export.pipeline import export
-
+    """`orpo merge-and-quantize` in a process of its own, as users run it (its peak memory is the
+    export's, not this test process's)."""
     out = tmp_path_factory.mktemp("gemma3") / "gguf"
-    return out, export(real_models.gemma3(), None, out, ["f16", "q8_0", "q4_k_m"], progress=lambda m: None)
+    quants = [arg for quant in ("f16", "q8_0", "q4_k_m") for arg in ("--quant", quant)]
+    proc = subprocess.run(
+        [str(BIN / "orpo"), "merge-and-quantize", "--base", str(real_models.gemma3()), "--out", str(out), *quants],
+        env=offline_env(),
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out, json.loads((out / "export_report.json").read_text())
 
 
 def test_gemma3_270m_exports_f16_q8_0_and_q4_k_m_with_every_check_passing(gemma3_export):
