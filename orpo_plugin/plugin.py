@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import os
-import sys
-from pathlib import Path
 
 import torch
 from axolotl.integrations.base import BasePlugin
@@ -12,6 +10,7 @@ from axolotl.utils.logging import get_logger
 
 from orpo_plugin.args import apply_rl_alias
 from orpo_plugin.datasets import OrpoDataError, load_preference_data, split_field_maps
+from orpo_plugin.evaluate import running_evaluate, trained_adapter
 
 LOG = get_logger(f"axolotl.{__name__}")  # Axolotl shows INFO only from axolotl.* loggers
 
@@ -42,32 +41,6 @@ def _cpu_data_parallel(cfg) -> None:
     os.environ["ACCELERATE_USE_CPU"] = "true"
 
 
-def running_evaluate() -> bool:
-    """This process runs `axolotl evaluate`: in-process (--launcher python) or as a rank the
-    launcher started (`-m axolotl.cli.evaluate`). Axolotl's evaluate calls no dataset hook, so
-    the plugin's own pipeline and the trained adapter are brought in by the model and trainer hooks."""
-    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
-    if spec is not None and spec.name == "axolotl.cli.evaluate":
-        return True
-    return len(sys.argv) > 1 and Path(sys.argv[0]).name == "axolotl" and sys.argv[1] == "evaluate"
-
-
-def _trained_adapter(cfg) -> None:
-    """`axolotl evaluate` of a LoRA run measures the adapter training saved in output_dir (Axolotl
-    would otherwise evaluate a freshly initialised one), unless lora_model_dir names another."""
-    if not cfg.adapter or cfg.lora_model_dir:
-        return
-    saved = Path(cfg.output_dir or ".")
-    if not (saved / "adapter_config.json").is_file():
-        LOG.error(
-            f"orpo_plugin: axolotl evaluate: no trained adapter in output_dir {saved} (adapter_config.json); "
-            f"train first, or name one with lora_model_dir"
-        )
-        raise SystemExit(2)
-    cfg.lora_model_dir = str(saved)
-    LOG.info(f"orpo_plugin: evaluating the adapter in {saved}")
-
-
 class OrpoPlugin(BasePlugin):
     def get_input_args(self) -> str:
         return "orpo_plugin.args.OrpoArgs"
@@ -93,19 +66,26 @@ class OrpoPlugin(BasePlugin):
             raise SystemExit(2) from None
 
     def pre_model_load(self, cfg) -> None:
-        if cfg.orpo_plugin and running_evaluate():
+        if cfg.orpo_plugin and running_evaluate():  # load_datasets, which does this for training, is not called
             _cpu_data_parallel(cfg)
 
     def pre_lora_load(self, cfg, model) -> None:
-        if cfg.orpo_plugin and running_evaluate():
-            _trained_adapter(cfg)
+        """`axolotl evaluate` measures the adapter training saved in output_dir."""
+        if not (cfg.orpo_plugin and running_evaluate()) or cfg.lora_model_dir:
+            return
+        adapter = trained_adapter(cfg)
+        if adapter is None:
+            LOG.error(
+                f"orpo_plugin: axolotl evaluate: no trained adapter in output_dir {cfg.output_dir} "
+                f"(adapter_config.json); train first, or name one with lora_model_dir"
+            )
+            raise SystemExit(2)
+        cfg.lora_model_dir = adapter
+        LOG.info(f"orpo_plugin: evaluating the adapter in {adapter}")
 
     def post_trainer_create(self, cfg, trainer) -> None:
         from orpo_plugin.trainer import OrpoSettings, OrpoTrainer
 
         if cfg.orpo_plugin and isinstance(trainer, OrpoTrainer):
             trainer.configure(OrpoSettings.from_cfg(cfg))
-            if running_evaluate():  # the pairs training read, from the plugin's own pipeline (and cache)
-                data = self.load_datasets(cfg)
-                trainer.use_pairs(data.train_dataset, data.eval_dataset)
             LOG.info(f"orpo_plugin: {trainer.orpo}, batches: {type(trainer.data_collator).__name__}")

@@ -24,8 +24,9 @@ from orpo_plugin.compat import TrainerPrivateAPI, check_trainer_api, unwrap
 from orpo_plugin.core import odds
 from orpo_plugin.core.files import LOG_HISTORY
 from orpo_plugin.core.tokenize import TRUNCATED
-from orpo_plugin.datasets import tokenize_dataset
+from orpo_plugin.datasets import load_preference_data, tokenize_dataset
 from orpo_plugin.engines import engine_module, run_as_forward
+from orpo_plugin.evaluate import evaluated_cfg
 from orpo_plugin.logprobs import head_logits, logit_transform, token_logprobs
 from orpo_plugin.losses import get_losses
 
@@ -253,6 +254,12 @@ class OrpoTrainer(TrainerPrivateAPI, AxolotlTrainer):
         given = (("train", train_dataset), ("eval", eval_dataset))
         self._split_of = {id(d): split for split, d in given if d is not None}
         self._eval_prefix = "eval"
+        cfg = evaluated_cfg()
+        if cfg is not None:  # `axolotl evaluate`: the pairs training read, not Axolotl's rows
+            data = load_preference_data(cfg)
+            train_dataset = data.train_dataset if train_dataset is not None else None
+            eval_dataset = data.eval_dataset if eval_dataset is not None else None
+            orpo_settings = orpo_settings or OrpoSettings.from_cfg(cfg)
         if train_dataset is not None:
             train_dataset = _tokenized(train_dataset, tokenizer, max_length, num_proc, "training")
         if eval_dataset is not None:
@@ -271,6 +278,9 @@ class OrpoTrainer(TrainerPrivateAPI, AxolotlTrainer):
         )
         alpha = getattr(args, "beta", None)
         self.configure(orpo_settings or OrpoSettings(alpha=OrpoSettings.alpha if alpha is None else alpha))
+        if cfg is not None:
+            batches = type(self.data_collator).__name__
+            LOG.info(f"orpo_plugin: evaluating the pairs training read: {self.orpo}, batches: {batches}")
         # compute_loss normalises by whole-step counts itself: the Trainer must not divide by
         # the accumulation steps again.
         self.model_accepts_loss_kwargs = True
@@ -294,15 +304,9 @@ class OrpoTrainer(TrainerPrivateAPI, AxolotlTrainer):
         # Axolotl swaps collators between train and eval; all are ours.
         self.data_collator = self.train_data_collator = self.eval_data_collator = collator
 
-    def use_pairs(self, train, evaluation) -> None:
-        """Evaluate on these tokenized pairs (the plugin's own pipeline, as training read them)
-        wherever a caller passes the datasets this trainer was built with."""
-        self._pairs = {"train": train, "eval": evaluation}
-        self.train_dataset, self.eval_dataset = train, evaluation
-
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
-        """Trainer.evaluate on the pairs: a dataset this trainer was built with is replaced by its
-        tokenized pairs (Axolotl's `evaluate` passes its untokenized rows again); the ORPO metrics
+        """Trainer.evaluate on the pairs: a dataset this trainer was built with is replaced by the
+        pairs it made of it (Axolotl's `evaluate` passes its untokenized rows again); the ORPO metrics
         are logged under metric_key_prefix (Axolotl's `evaluate` asks for "train" and "eval")."""
         split = self._split_of.get(id(eval_dataset))
         if split is not None and self._pairs.get(split) is not None:

@@ -11,8 +11,12 @@ import json
 import subprocess
 
 import pytest
+import yaml
 from helpers import METRICS
-from test_cli import BIN, _axolotl, _env, _log_history, _tiny_config, _train
+from test_cli import BIN, _axolotl, _env, _tiny_config, _train
+from test_engines import SHIM
+
+from serve.plot import log_history
 
 
 @pytest.fixture(scope="module")
@@ -20,11 +24,18 @@ def trained(tmp_path_factory, tiny_default):
     """12 steps of `axolotl train` (prefix sharing and packing on, as the example config leaves
     them), evaluated on the held-out pairs at the last step, the adapter saved at the end."""
     root = tmp_path_factory.mktemp("evaluate")
+    # 192 held-out pairs: whole batches of 8 on one rank and on two (a partial last batch would be
+    # padded with repeated pairs on two ranks, by Accelerate, in training as here)
+    pairs = root / "eval.jsonl"
+    pairs.write_text("".join((tiny_default / "data" / "eval.jsonl").read_text().splitlines(keepends=True)[:192]))
     config = _tiny_config(root, tiny_default, max_steps=12, eval_steps=12, logging_steps=4, save_strategy="no")
+    cfg = yaml.safe_load(config.read_text())
+    cfg["test_datasets"][0]["path"] = str(pairs)
+    config.write_text(yaml.safe_dump(cfg))
     _train(config, "--launcher", "python")
-    evals = [h for h in _log_history(root / "out") if "eval_loss" in h]
+    evals = [h for h in log_history(root / "out") if "eval_loss" in h]  # orpo_log_history.jsonl
     assert evals[-1]["step"] == 12
-    return {"root": root, "config": config, "last_eval": evals[-1], "pairs": tiny_default / "data" / "eval.jsonl"}
+    return {"root": root, "config": config, "last_eval": evals[-1], "pairs": pairs}
 
 
 def _summary(trained) -> dict[str, dict[str, float]]:
@@ -34,9 +45,16 @@ def _summary(trained) -> dict[str, dict[str, float]]:
     return {r["metric"]: {k: float(v) for k, v in r.items() if k != "metric" and v != ""} for r in rows}
 
 
-def _evaluate(trained, *launcher):
+def _evaluate(trained, *launcher, env=None):
     (trained["root"] / "out" / "eval_summary.csv").unlink(missing_ok=True)
-    proc = _axolotl("evaluate", trained["config"], *launcher, cwd=trained["root"])
+    proc = subprocess.run(
+        [str(BIN / "axolotl"), "evaluate", str(trained["config"]), *launcher],
+        cwd=trained["root"],
+        env=env or _env(),
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     return proc, _summary(trained)
 
@@ -79,7 +97,10 @@ def test_axolotl_evaluate_agrees_with_orpo_score_on_the_same_pairs(trained):
 
 
 def test_axolotl_evaluate_on_two_ranks_sums_as_training_does(trained):
-    _, summary = _evaluate(trained, "--launcher", "torchrun", "--", "--nproc_per_node", "2")
+    """Two gloo CPU ranks, each evaluating its half of the pairs: the metrics summed over ranks equal
+    one process's. (tests/cpu_engines keeps the ranks' models on the CPU, a device check only.)"""
+    env = dict(_env(), PYTHONPATH=str(SHIM))
+    _, summary = _evaluate(trained, "--launcher", "torchrun", "--", "--nproc_per_node", "2", env=env)
     for metric in METRICS:
         assert summary[metric]["validation"] == pytest.approx(trained["last_eval"][f"eval_{metric}"], rel=1e-5), metric
 

@@ -5,8 +5,8 @@ Accelerate selects FSDP or DeepSpeed only for GPU-like distributed types; on a C
 falls back to gloo DDP and wraps a ZeRO-3-partitioned or FSDP-planned model in DDP instead. Axolotl
 builds its FSDP device mesh for "cuda". Both are device checks, not engine logic: this shim changes
 those (the distributed type after AcceleratorState's own setup, the mesh's device type), plus one
-gloo-only step of ZeRO-1/2 and the build of an all-reduce kernel gloo ranks never use (below), and
-nothing else. The rest — Axolotl's config handling, model
+gloo-only step of ZeRO-1/2, the build of an all-reduce kernel gloo ranks never use, and the device
+map of `axolotl evaluate`'s ranks (below), and nothing else. The rest — Axolotl's config handling, model
 loading under zero.Init, Accelerate's fully_shard / deepspeed.initialize, the engines' hooks,
 saving — runs as on GPUs.
 """
@@ -50,29 +50,52 @@ if not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
 
         stage_1_and_2.all_gather_dp_groups = all_gather_dp_groups
 
-    class _NoSharedMemoryAllReduce(importlib.abc.MetaPathFinder):
+    def _no_shared_memory_all_reduce(module):
         """DeepSpeed's CPU backend JIT-compiles a shared-memory all-reduce (ninja, into
         ~/.cache/torch_extensions, under a file lock) whenever it sets up its process group, and
         uses it only where LOCAL_SIZE is set, which torchrun does not set. A rank killed while it
         held that lock left every later DeepSpeed run on the machine waiting for it, before any
-        training: deepspeed.comm.torch's build_shm_op is replaced, as the module loads, by one that
-        builds nothing (DeepSpeed then uses plain torch.distributed, as it does without the op)."""
+        training: build_shm_op builds nothing (DeepSpeed then uses plain torch.distributed, as it
+        does without the op)."""
+        module.build_shm_op = lambda: None
+
+    def _ranks_on_the_cpu(module):
+        """Axolotl's normalize_config maps each rank to device LOCAL_RANK, a GPU; on CPU ranks the
+        model is loaded on the CPU. In training the plugin's dataset hook does this (it runs
+        between normalize_config and the model loader); `axolotl evaluate` calls no plugin hook
+        there, so on CPU ranks this shim does it (on GPU ranks Axolotl's map is right)."""
+        normalize = module.normalize_config
+
+        def normalize_config(cfg):
+            normalize(cfg)
+            if isinstance(cfg.device_map, dict) and any(isinstance(v, int) for v in cfg.device_map.values()):
+                cfg.device_map = {"": "cpu"}
+
+        module.normalize_config = normalize_config
+
+    PATCH_ON_IMPORT = {"deepspeed.comm.torch": _no_shared_memory_all_reduce, "axolotl.utils.config": _ranks_on_the_cpu}
+
+    class _PatchOnImport(importlib.abc.MetaPathFinder):
+        """Applies PATCH_ON_IMPORT to each module as it loads (nothing is imported early)."""
 
         def find_spec(self, name, path=None, target=None):
-            if name != "deepspeed.comm.torch":
+            if name not in PATCH_ON_IMPORT:
                 return None
             sys.meta_path.remove(self)
-            spec = importlib.util.find_spec(name)
+            try:
+                spec = importlib.util.find_spec(name)
+            finally:
+                sys.meta_path.insert(0, self)
             load = spec.loader.exec_module
 
             def exec_module(module):
                 load(module)
-                module.build_shm_op = lambda: None
+                PATCH_ON_IMPORT[name](module)
 
             spec.loader.exec_module = exec_module
             return spec
 
-    sys.meta_path.insert(0, _NoSharedMemoryAllReduce())
+    sys.meta_path.insert(0, _PatchOnImport())
 
     _init = _state.AcceleratorState.__init__
 
