@@ -5,10 +5,11 @@ marked failed.
 
 The child is `python -m serve.export.isolated`: calls and answers are pickled, length-prefixed,
 over its stdin and stdout (its own prints and llama.cpp's go to a log file, never into the
-protocol). It holds at most one model. Its peak memory is recorded when it closes (take_peak)."""
+protocol). It holds at most one model."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
 import re
@@ -22,7 +23,6 @@ from orpo_plugin.core.errors import OrpoError
 
 _HEADER = struct.Struct("<Q")
 LOG_LINE = re.compile(r"^[a-z_]+: ")  # llama.cpp's own log lines: "load: ...", "llama_model_load: ..."
-_peaks: list[int] = []
 
 
 class LlamaAbort(OrpoError, RuntimeError):
@@ -91,11 +91,8 @@ class Child:
 
     def close(self) -> None:
         if self.proc.poll() is None:
-            try:
-                _peaks.append(self.call("peak"))
+            with contextlib.suppress(BrokenPipeError):
                 _send(self.proc.stdin, ("exit", ()))
-            except (LlamaAbort, BrokenPipeError):
-                pass
             try:
                 self.proc.wait(timeout=30)
             except subprocess.TimeoutExpired:
@@ -110,13 +107,6 @@ class Child:
         if exc[0] is not None and self.proc.poll() is None:
             self.proc.kill()  # Ctrl-C or an error of ours: no child left behind
         self.close()
-
-
-def take_peak() -> int:
-    """The largest peak resident set (bytes) of the children closed since the last call."""
-    peak = max(_peaks, default=0)
-    _peaks.clear()
-    return peak
 
 
 # -- the child's side ----------------------------------------------------------------------------
@@ -159,19 +149,12 @@ def _score(state, path: str, n_ctx: int, threads: int, pairs: list) -> list[dict
         return score_pairs(scorer, tokenizer, pairs, "", progress=False)
 
 
-def _peak(state) -> int:
-    from serve.export.memory import peak_rss
-
-    return peak_rss()
-
-
 TASKS = {
     "tokenizing": _tokenize_texts,
     "loading": _open,
     "clearing": _clear,
     "decoding": _decode,
     "scoring": _score,
-    "peak": _peak,
 }
 
 

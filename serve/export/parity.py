@@ -249,11 +249,12 @@ def logits(source, tokenizer, texts: list[str], gguf_paths: dict[str, Path], thr
     {quant: {error}} where llama.cpp stopped on the file."""
     from serve.export.isolated import Child, LlamaAbort
 
-    hf = hf or reference_model(source)
-    long_ids = _long_ids(tokenizer, hf.config.get_text_config().max_position_embeddings)
-    references = [Reference(hf, tokenizer(t, add_special_tokens=True)["input_ids"]) for t in texts]
-    references.append(Reference(hf, long_ids))
-    step = min(512, chunk_rows(hf.get_output_embeddings().weight.shape[0]))
+    model = hf if hf is not None else reference_model(source)
+    long_ids = _long_ids(tokenizer, model.config.get_text_config().max_position_embeddings)
+    references = [Reference(model, tokenizer(t, add_special_tokens=True)["input_ids"]) for t in texts]
+    references.append(Reference(model, long_ids))
+    step = min(512, chunk_rows(model.get_output_embeddings().weight.shape[0]))
+    del model  # built here: its decoder has done its work (the references keep the head) before llama.cpp runs
     out = {}
     for name, path in gguf_paths.items():
         try:

@@ -101,13 +101,13 @@ class Stages:
     def __call__(self, name: str):
         """Yields a dict; a stage whose work runs in a child process while this one waits (the
         quantizer) puts the child's peak in it. The checks' llama.cpp children run beside this
-        process's own work: their peak is added to it."""
+        process's own work: this process and its children are sampled together."""
         self.progress(name)
         memory.reset_peak()
-        isolated.take_peak()
         start, child = time.perf_counter(), {}
-        yield child
-        peak = max(memory.peak_rss(), child.get("peak_rss", 0)) + isolated.take_peak()
+        with memory.TreePeak() as tree:
+            yield child
+        peak = max(memory.peak_rss(), child.get("peak_rss", 0), tree.peak)
         self.rows.append(
             {"stage": name, "seconds": round(time.perf_counter() - start, 2), "peak_rss_mib": round(peak / 2**20)}
         )
